@@ -1,0 +1,47 @@
+"""audit_orm: the execution audit trail of a trading system.
+
+An append-only record of every step from a trading recommendation to its
+market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
+"""
+
+from audit_orm.enums import AuditEventType, EntityType
+from audit_orm.errors import (
+    AuditError,
+    AuditStorageError,
+    AuditUnavailableError,
+    EventIdConflictError,
+    InvalidIdError,
+    InvalidInputError,
+    InvalidPayloadError,
+    UnknownEntityTypeError,
+    UnknownEventTypeError,
+)
+from audit_orm.models import AuditEvent, Base
+from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
+from audit_orm.records import AuditPage, AuditRecord
+from audit_orm.repository import AuditRepository
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAYLOAD_MODELS",
+    "AuditError",
+    "AuditEvent",
+    "AuditEventType",
+    "AuditPage",
+    "AuditPayload",
+    "AuditRecord",
+    "AuditRepository",
+    "AuditStorageError",
+    "AuditUnavailableError",
+    "Base",
+    "EntityType",
+    "EventIdConflictError",
+    "InvalidIdError",
+    "InvalidInputError",
+    "InvalidPayloadError",
+    "UnknownEntityTypeError",
+    "UnknownEventTypeError",
+    "__version__",
+    "validate_payload",
+]

@@ -1,0 +1,90 @@
+"""The exceptions audit_orm raises.
+
+Everything the library refuses is a subclass of :class:`AuditError`, so a caller
+can catch one base class. Each error names the offending field and value.
+Database exceptions are translated in :func:`translate_db_error`, the single place
+where driver errors become audit errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A bounded, escaped rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class AuditError(Exception):
+    """Base class of every error audit_orm raises."""
+
+
+class InvalidInputError(AuditError, ValueError):
+    """A value given to the public API is not acceptable.
+
+    ``field`` names what was wrong and ``value`` holds what was given.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}: {reason} (got {_show(value)})")
+
+
+class InvalidPayloadError(InvalidInputError):
+    """An event payload failed validation (missing, extra or malformed fields)."""
+
+
+class UnknownEventTypeError(InvalidInputError):
+    """The event type is not one of :class:`~audit_orm.AuditEventType`."""
+
+
+class UnknownEntityTypeError(InvalidInputError):
+    """The entity type is not one of :class:`~audit_orm.EntityType`."""
+
+
+class InvalidIdError(InvalidInputError):
+    """An identifier is not a valid UUID."""
+
+
+class EventIdConflictError(AuditError):
+    """An event id was recorded before with different content.
+
+    Recording the same event twice (same id, same content) is a no-op; reusing an
+    id for a different event is refused so a retry can never rewrite history.
+    """
+
+    def __init__(self, event_id: Any) -> None:
+        self.event_id = event_id
+        super().__init__(f"event_id: {event_id} was already recorded with different content")
+
+
+class AuditStorageError(AuditError):
+    """The database refused or failed a statement.
+
+    The original driver exception is chained as ``__cause__``.
+    """
+
+
+class AuditUnavailableError(AuditStorageError):
+    """The database could not be reached (connection refused, lost or timed out)."""
+
+
+def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
+    """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
+
+    Callers ``raise translate_db_error(exc, "...") from exc`` so the cause stays
+    attached for debugging.
+    """
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    message = f"{action} failed: {detail[0] if detail else type(exc).__name__}"
+    if isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError)) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return AuditUnavailableError(message)
+    return AuditStorageError(message)

@@ -1,0 +1,90 @@
+"""Exact JSON for JSONB columns.
+
+PostgreSQL's JSONB keeps numbers as ``numeric``: arbitrary precision, scale
+preserved. Python's default JSON handling would turn them into floats on the way
+in or out. This module writes :class:`~decimal.Decimal` as JSON numbers and reads
+every non-integer number back as a :class:`~decimal.Decimal`, so ``150.250``
+comes back as ``Decimal('150.250')``, whatever JSON settings the host
+application's engine has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Text, cast, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
+
+_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def dumps_exact(value: Any) -> str:
+    """Serialize JSON-ready Python data; Decimals become exact JSON numbers."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return _encode_str(value)
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"JSON cannot hold the number {value}")
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"JSON cannot hold the number {value}")
+        return repr(value)
+    if isinstance(value, dict):
+        parts = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}")
+            parts.append(_encode_str(key) + ":" + dumps_exact(item))
+        return "{" + ",".join(parts) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps_exact(item) for item in value) + "]"
+    raise TypeError(f"{type(value).__name__} is not JSON-ready")
+
+
+def loads_exact(text: str | bytes) -> Any:
+    """Parse JSON, reading non-integer numbers as :class:`~decimal.Decimal`."""
+    return json.loads(text, parse_float=Decimal)
+
+
+class ExactJSONB(TypeDecorator[Any]):
+    """A JSONB column whose numbers round-trip exactly.
+
+    Values are bound as JSON text we produce ourselves and selected as ``::text``
+    so the driver's own JSON codec (configured per engine by the host) never sees
+    them.
+    """
+
+    impl = JSONB
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        def process(value: Any) -> str | None:
+            return None if value is None else dumps_exact(value)
+
+        return process
+
+    def column_expression(self, colexpr: ColumnElement[Any]) -> ColumnElement[Any]:
+        return type_coerce(cast(colexpr, Text), self)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        def process(value: Any) -> Any:
+            if isinstance(value, (str, bytes)):
+                return loads_exact(value)
+            return value
+
+        return process

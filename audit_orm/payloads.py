@@ -1,0 +1,299 @@
+"""Typed payloads: one pydantic model per event type, and the registry.
+
+A payload is validated before anything reaches the database session. The rules
+that matter for an audit store:
+
+* unknown fields are refused (a typo must not silently vanish into JSON);
+* prices and quantities are :class:`~decimal.Decimal` and round-trip exactly
+  (floats are accepted and converted through their shortest decimal form);
+* what JSONB cannot hold - NaN or infinite numbers, NUL characters - and naive
+  datetimes are refused here with an error naming the field, never discovered
+  later as a failed INSERT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from audit_orm.enums import AuditEventType
+from audit_orm.errors import InvalidPayloadError, UnknownEventTypeError
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL characters cannot be stored in PostgreSQL text or JSONB")
+    return value
+
+
+def _finite(value: Decimal) -> Decimal:
+    if not value.is_finite():
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _finite_float(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+#: Free text: any Unicode except NUL.
+Text = Annotated[str, AfterValidator(_no_nul)]
+#: A short label such as a side, a mode or an order type.
+Label = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
+#: An instrument symbol.
+Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_nul)]
+#: An exact, finite decimal amount (price, quantity, value).
+Amount = Annotated[Decimal, AfterValidator(_finite)]
+#: A finite float (scores such as a confidence).
+Score = Annotated[float, AfterValidator(_finite_float)]
+
+
+class AuditPayload(BaseModel):
+    """Base class of every event payload."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+        strict=False,
+        # Audit text is kept as given; trimming would alter the record.
+        str_strip_whitespace=False,
+    )
+
+    #: Field names that carry correlation ids, read by the repository.
+    correlation_fields: ClassVar[tuple[str, ...]] = ()
+
+
+class RecommendationPayload(AuditPayload):
+    """``recommendation.generated`` / ``recommendation.suppressed``."""
+
+    ticker: Ticker
+    action: Label
+    mode: Label
+    confidence: Score
+    evidence_count: int = Field(ge=0)
+    suppressed: bool = False
+
+
+class RiskEvaluationPayload(AuditPayload):
+    """``risk.evaluated`` / ``risk.rejected``."""
+
+    recommendation_id: UUID | None = None
+    ticker: Ticker
+    eligible: bool
+    allowed_mode: Label
+    rejection_reasons: list[Text] = Field(default_factory=list)
+    check_count: int = Field(ge=0)
+
+
+class OrderSubmittedPayload(AuditPayload):
+    """``order.submitted``."""
+
+    ticker: Ticker
+    side: Label
+    quantity: Amount
+    order_type: Label
+    idempotency_key: Text
+    recommendation_id: UUID | None = None
+    evaluation_id: UUID | None = None
+
+
+class OrderAcceptedPayload(AuditPayload):
+    """``order.accepted``: the broker acknowledged the order."""
+
+    ticker: Ticker
+    broker_order_id: Text
+    status: Label | None = None
+
+
+class OrderFilledPayload(AuditPayload):
+    """``order.filled`` (a partial or complete fill)."""
+
+    ticker: Ticker
+    side: Label
+    fill_quantity: Amount
+    fill_price: Amount | None = None
+    broker_order_id: Text
+
+
+class OrderRejectedPayload(AuditPayload):
+    """``order.rejected`` by the risk engine or the broker."""
+
+    ticker: Ticker
+    reason: Text
+    rejection_source: Label = "broker"
+
+
+class OrderCancelledPayload(AuditPayload):
+    """``order.cancelled``."""
+
+    ticker: Ticker
+    broker_order_id: Text
+
+
+class DuplicatePreventedPayload(AuditPayload):
+    """``order.duplicate_prevented``."""
+
+    ticker: Ticker
+    idempotency_key: Text
+    detected_via: Label
+
+
+class PositionChangePayload(AuditPayload):
+    """``position.opened`` / ``position.closed`` / ``position.updated``.
+
+    Quantities are signed: negative means short.
+    """
+
+    ticker: Ticker
+    side: Label
+    quantity_before: Amount
+    quantity_after: Amount
+    avg_entry_before: Amount
+    avg_entry_after: Amount
+
+
+class ApprovalRequestedPayload(AuditPayload):
+    """``approval.requested``: a live order waits for an operator."""
+
+    ticker: Ticker
+    side: Label
+    quantity: Amount
+    estimated_value: Amount
+    recommendation_id: UUID | None = None
+    expires_at: AwareDatetime | None = None
+
+
+class ApprovalReviewedPayload(AuditPayload):
+    """``approval.approved`` / ``approval.rejected``."""
+
+    ticker: Ticker
+    approved: bool
+    reviewed_by: Label
+    review_note: Text = ""
+
+
+class ApprovalExpiredPayload(AuditPayload):
+    """``approval.expired``."""
+
+    ticker: Ticker
+
+
+class TradingModeChangedPayload(AuditPayload):
+    """``trading.mode_changed``."""
+
+    old_mode: Label
+    new_mode: Label
+
+
+E = AuditEventType
+
+#: The payload model of every event type.
+PAYLOAD_MODELS: Mapping[AuditEventType, type[AuditPayload]] = {
+    E.RECOMMENDATION_GENERATED: RecommendationPayload,
+    E.RECOMMENDATION_SUPPRESSED: RecommendationPayload,
+    E.RISK_EVALUATED: RiskEvaluationPayload,
+    E.RISK_REJECTED: RiskEvaluationPayload,
+    E.ORDER_SUBMITTED: OrderSubmittedPayload,
+    E.ORDER_ACCEPTED: OrderAcceptedPayload,
+    E.ORDER_FILLED: OrderFilledPayload,
+    E.ORDER_REJECTED: OrderRejectedPayload,
+    E.ORDER_CANCELLED: OrderCancelledPayload,
+    E.ORDER_DUPLICATE: DuplicatePreventedPayload,
+    E.POSITION_OPENED: PositionChangePayload,
+    E.POSITION_CLOSED: PositionChangePayload,
+    E.POSITION_UPDATED: PositionChangePayload,
+    E.TRADING_MODE_CHANGED: TradingModeChangedPayload,
+    E.APPROVAL_REQUESTED: ApprovalRequestedPayload,
+    E.APPROVAL_APPROVED: ApprovalReviewedPayload,
+    E.APPROVAL_REJECTED: ApprovalReviewedPayload,
+    E.APPROVAL_EXPIRED: ApprovalExpiredPayload,
+}
+
+
+def coerce_event_type(value: Any) -> AuditEventType:
+    """Accept an :class:`AuditEventType` or its string value."""
+    if isinstance(value, AuditEventType):
+        return value
+    if isinstance(value, str):
+        try:
+            return AuditEventType(value)
+        except ValueError:
+            pass
+    raise UnknownEventTypeError(
+        "event_type", value, "must be one of " + ", ".join(t.value for t in AuditEventType)
+    )
+
+
+def _describe(error: ValidationError, event_type: AuditEventType) -> InvalidPayloadError:
+    first = error.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "data"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return InvalidPayloadError(
+        f"data.{loc}", first.get("input"), f"{message} for {event_type.value}{suffix}"
+    )
+
+
+def validate_payload(event_type: AuditEventType | str, data: Any) -> AuditPayload:
+    """Validate ``data`` (a mapping or a payload model) for ``event_type``.
+
+    Returns the typed payload; raises :class:`InvalidPayloadError` naming the
+    first bad field and its value.
+    """
+    kind = coerce_event_type(event_type)
+    model = PAYLOAD_MODELS[kind]
+    if isinstance(data, model):
+        return data
+    if isinstance(data, AuditPayload):
+        raise InvalidPayloadError(
+            "data",
+            type(data).__name__,
+            f"{kind.value} takes {model.__name__}, not {type(data).__name__}",
+        )
+    if not isinstance(data, Mapping):
+        raise InvalidPayloadError("data", data, "must be a mapping or a payload model")
+    for key in data:
+        if not isinstance(key, str):
+            raise InvalidPayloadError("data", key, "field names must be strings")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _describe(exc, kind) from exc
+
+
+def payload_to_data(payload: AuditPayload) -> dict[str, Any]:
+    """The JSON-ready dict stored for ``payload``.
+
+    Decimals stay :class:`~decimal.Decimal` (written as exact JSON numbers), UUIDs
+    and datetimes become strings as the original module stored them.
+    """
+    out: dict[str, Any] = {}
+    for name, value in payload.model_dump(mode="python").items():
+        if isinstance(value, UUID):
+            out[name] = str(value)
+        elif isinstance(value, datetime):
+            out[name] = value.isoformat()
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,68 @@
+"""Fixtures: one real PostgreSQL per test session, a rolled-back transaction per test.
+
+The server is an embedded PostgreSQL started for the session, or the one named
+by ``AUDIT_ORM_TEST_DATABASE_URL``. Each session gets a fresh database migrated
+to head; each test runs inside a transaction that is rolled back, with the
+session joined through savepoints so code under test may commit or roll back
+freely (SQLAlchemy's "joining a session into an external transaction" recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from audit_orm import AuditRepository, migrate
+from tests.dbutil import create_database, drop_database, server_url
+
+
+@pytest.fixture(scope="session")
+def admin_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Admin URL of the session's PostgreSQL server."""
+    root: Path = tmp_path_factory.mktemp("server")
+    return server_url(root)
+
+
+@pytest.fixture(scope="session")
+async def db_url(admin_url: str) -> AsyncIterator[str]:
+    """A fresh database migrated to head, for the whole session."""
+    url = await create_database(admin_url)
+    engine = create_async_engine(url)
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+    yield url
+    await drop_database(admin_url, url)
+
+
+@pytest.fixture(scope="session")
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """The session's engine on the migrated database."""
+    eng = create_async_engine(db_url)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
+    """A session inside a transaction that is rolled back after the test."""
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        sess = AsyncSession(
+            bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
+        try:
+            yield sess
+        finally:
+            await sess.close()
+            await outer.rollback()
+
+
+@pytest.fixture
+def repo(session: AsyncSession) -> AuditRepository:
+    """A repository on the per-test session."""
+    return AuditRepository(session)
