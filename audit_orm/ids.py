@@ -23,11 +23,14 @@ def uuid7() -> uuid.UUID:
     randomly) keeps ids from one process strictly increasing.
     """
     global _last_ms, _counter
+    # One read of the OS random source per id: the first two bytes seed the
+    # counter when a new millisecond starts, the other eight fill rand_b.
+    noise = int.from_bytes(os.urandom(10), "big")
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
+            _counter = (noise >> 64) & 0x7FF
         else:
             _counter += 1
             if _counter > 0xFFF:
@@ -35,12 +38,11 @@ def uuid7() -> uuid.UUID:
                 _last_ms += 1
                 _counter = 0
             ms = _last_ms
-        rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
         value = (ms & ((1 << 48) - 1)) << 80
         value |= 0x7 << 76
         value |= _counter << 64
         value |= 0b10 << 62
-        value |= rand_b
+        value |= noise & ((1 << 62) - 1)
     return uuid.UUID(int=value)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -21,11 +22,37 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
-_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+#: The C string escaper behind ``json.dumps(..., ensure_ascii=False)``.
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def _number(value: Decimal | float) -> str:
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"JSON cannot hold the number {value}")
+        return str(value)
+    if not math.isfinite(value):
+        raise ValueError(f"JSON cannot hold the number {value}")
+    return repr(value)
 
 
 def dumps_exact(value: Any) -> str:
     """Serialize JSON-ready Python data; Decimals become exact JSON numbers."""
+    # Exact-type checks first: every payload is written through here, and the
+    # common cases (flat dicts of str and Decimal) should not pay for the
+    # isinstance() chain that subclasses need.
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is dict:
+        parts = []
+        for key, item in value.items():
+            if type(key) is not str and not isinstance(key, str):
+                raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}")
+            parts.append(_encode_str(key) + ":" + dumps_exact(item))
+        return "{" + ",".join(parts) + "}"
+    if kind is Decimal:
+        return _number(value)
     if value is None:
         return "null"
     if value is True:
@@ -36,24 +63,23 @@ def dumps_exact(value: Any) -> str:
         return _encode_str(value)
     if isinstance(value, int):
         return str(int(value))
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ValueError(f"JSON cannot hold the number {value}")
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"JSON cannot hold the number {value}")
-        return repr(value)
+    if isinstance(value, (Decimal, float)):
+        return _number(value)
     if isinstance(value, dict):
-        parts = []
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}")
-            parts.append(_encode_str(key) + ":" + dumps_exact(item))
-        return "{" + ",".join(parts) + "}"
+        return dumps_exact(dict(value))
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(dumps_exact(item) for item in value) + "]"
+        return "[" + ",".join([dumps_exact(item) for item in value]) + "]"
     raise TypeError(f"{type(value).__name__} is not JSON-ready")
+
+
+class JSONText(str):
+    """JSON text already produced by :func:`dumps_exact`, bound as it is.
+
+    Lets a caller that serialized a payload once (to check its size, say) hand
+    the same text to the database instead of serializing it again.
+    """
+
+    __slots__ = ()
 
 
 def loads_exact(text: str | bytes) -> Any:
@@ -74,7 +100,11 @@ class ExactJSONB(TypeDecorator[Any]):
 
     def bind_processor(self, dialect: Dialect) -> Any:
         def process(value: Any) -> str | None:
-            return None if value is None else dumps_exact(value)
+            if value is None:
+                return None
+            if type(value) is JSONText:
+                return str.__str__(value)
+            return dumps_exact(value)
 
         return process
 

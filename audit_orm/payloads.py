@@ -226,15 +226,17 @@ PAYLOAD_MODELS: Mapping[AuditEventType, type[AuditPayload]] = {
 }
 
 
+_EVENT_TYPES_BY_VALUE: Mapping[str, AuditEventType] = {t.value: t for t in AuditEventType}
+
+
 def coerce_event_type(value: Any) -> AuditEventType:
     """Accept an :class:`AuditEventType` or its string value."""
     if isinstance(value, AuditEventType):
         return value
     if isinstance(value, str):
-        try:
-            return AuditEventType(value)
-        except ValueError:
-            pass
+        kind = _EVENT_TYPES_BY_VALUE.get(value)
+        if kind is not None:
+            return kind
     raise UnknownEventTypeError(
         "event_type", value, "must be one of " + ", ".join(t.value for t in AuditEventType)
     )
@@ -288,12 +290,8 @@ def payload_to_data(payload: AuditPayload) -> dict[str, Any]:
     Decimals stay :class:`~decimal.Decimal` (written as exact JSON numbers), UUIDs
     and datetimes become strings as the original module stored them.
     """
-    out: dict[str, Any] = {}
-    for name, value in payload.model_dump(mode="python").items():
-        if isinstance(value, UUID):
-            out[name] = str(value)
-        elif isinstance(value, datetime):
-            out[name] = value.isoformat()
-        else:
-            out[name] = value
+    out: dict[str, Any] = payload.model_dump(mode="python")
+    for name, value in out.items():
+        if isinstance(value, (UUID, datetime)):
+            out[name] = value.isoformat() if isinstance(value, datetime) else str(value)
     return out

@@ -7,18 +7,19 @@ change it describes, and a rollback leaves no audit row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypedDict, Unpack
+from typing import Any, Required, TypedDict, Unpack
 from uuid import UUID
 
 from sqlalchemy import ColumnElement, Select, and_, any_, func, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from audit_orm import bulk
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     EventIdConflictError,
@@ -28,7 +29,7 @@ from audit_orm.errors import (
     translate_db_error,
 )
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid, uuid7
-from audit_orm.jsonb import dumps_exact
+from audit_orm.jsonb import JSONText, dumps_exact
 from audit_orm.models import ACTOR_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
     AuditPayload,
@@ -39,6 +40,8 @@ from audit_orm.payloads import (
 )
 from audit_orm.records import AuditPage, AuditRecord
 
+#: Rows fetched per round trip by :meth:`AuditRepository.stream`.
+DEFAULT_STREAM_CHUNK = 1_000
 #: Default cap on the stored size of one payload (JSON text, bytes).
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 
@@ -69,18 +72,23 @@ class RecordOptions(TypedDict, total=False):
     event_id: UUID | str | None
 
 
+_ENTITY_TYPES_BY_VALUE: Mapping[str, EntityType] = {t.value: t for t in EntityType}
+
+
 def coerce_entity_type(value: Any) -> EntityType:
     """Accept an :class:`EntityType` or its string value."""
     if isinstance(value, EntityType):
         return value
     if isinstance(value, str):
-        try:
-            return EntityType(value)
-        except ValueError:
-            pass
+        kind = _ENTITY_TYPES_BY_VALUE.get(value)
+        if kind is not None:
+            return kind
     raise UnknownEntityTypeError(
         "entity_type", value, "must be one of " + ", ".join(t.value for t in EntityType)
     )
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 
 
 def check_actor(actor: Any) -> str:
@@ -91,7 +99,7 @@ def check_actor(actor: Any) -> str:
         raise InvalidInputError("actor", actor, "must not be empty")
     if len(actor) > ACTOR_MAX_LENGTH:
         raise InvalidInputError("actor", actor, f"must be at most {ACTOR_MAX_LENGTH} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in actor):
+    if _CONTROL_CHARS.search(actor):
         raise InvalidInputError("actor", actor, "must not contain control characters")
     return actor
 
@@ -126,6 +134,12 @@ class PreparedEvent:
     recommendation_id: UUID | None
     order_id: UUID | None
     ticker: str | None
+    #: ``data`` as stored JSON text; filled by :func:`prepare_event`, derived when empty.
+    data_json: str = field(default="", repr=False, compare=False)
+
+    def json_text(self) -> str:
+        """``data`` as the exact JSON text that is stored."""
+        return self.data_json or dumps_exact(self.data)
 
     def row(self) -> dict[str, Any]:
         """The insert parameters (enum members as their string values)."""
@@ -135,7 +149,7 @@ class PreparedEvent:
             "entity_type": self.entity_type.value,
             "entity_id": self.entity_id,
             "actor": self.actor,
-            "data": self.data,
+            "data": JSONText(self.json_text()),
             "occurred_at": self.occurred_at,
             "recommendation_id": self.recommendation_id,
             "order_id": self.order_id,
@@ -168,12 +182,20 @@ def prepare_event(
     entity_uuid = coerce_uuid(entity_id, "entity_id")
     payload = validate_payload(kind, data)
     stored = payload_to_data(payload)
-    size = len(dumps_exact(stored).encode("utf-8"))
-    if size > max_payload_bytes:
-        raise InvalidPayloadError(
-            "data", f"<{size} bytes>", f"payload is larger than the {max_payload_bytes}-byte cap"
-        )
-    rec_id = coerce_optional_uuid(getattr(payload, "recommendation_id", None), "recommendation_id")
+    text = dumps_exact(stored)
+    # A UTF-8 character takes at most four bytes: short texts skip the encoding.
+    if len(text) * 4 > max_payload_bytes:
+        size = len(text.encode("utf-8"))
+        if size > max_payload_bytes:
+            raise InvalidPayloadError(
+                "data",
+                f"<{size} bytes>",
+                f"payload is larger than the {max_payload_bytes}-byte cap",
+            )
+    # Read fields from the model's __dict__: pydantic's __getattr__ is slow for
+    # names a payload type does not have, and this runs for every event.
+    fields = payload.__dict__
+    rec_id = coerce_optional_uuid(fields.get("recommendation_id"), "recommendation_id")
     if rec_id is None:
         rec_id = coerce_optional_uuid(recommendation_id, "recommendation_id")
     if rec_id is None and entity is EntityType.RECOMMENDATION:
@@ -181,7 +203,7 @@ def prepare_event(
     ord_id = entity_uuid if entity in _ORDER_ENTITIES else None
     if ord_id is None:
         ord_id = coerce_optional_uuid(order_id, "order_id")
-    ticker = getattr(payload, "ticker", None)
+    ticker = fields.get("ticker")
     return PreparedEvent(
         id=uuid7() if event_id is None else coerce_uuid(event_id, "event_id"),
         event_type=kind,
@@ -193,7 +215,87 @@ def prepare_event(
         recommendation_id=rec_id,
         order_id=ord_id,
         ticker=ticker if isinstance(ticker, str) else None,
+        data_json=text,
     )
+
+
+class EventSpec(TypedDict, total=False):
+    """One event of :meth:`AuditRepository.record_many`: the arguments of ``record``."""
+
+    event_type: Required[AuditEventType | str]
+    entity_type: Required[EntityType | str]
+    entity_id: Required[UUID | str]
+    data: Required[AuditPayload | Mapping[str, Any]]
+    actor: str
+    occurred_at: datetime | str | None
+    event_id: UUID | str | None
+    recommendation_id: UUID | str | None
+    order_id: UUID | str | None
+
+
+_SPEC_FIELDS = tuple(EventSpec.__annotations__)
+_SPEC_KEYS = frozenset(_SPEC_FIELDS)
+_SPEC_REQUIRED = ("event_type", "entity_type", "entity_id", "data")
+
+
+def _prepare_spec(event: Any, max_payload_bytes: int) -> PreparedEvent:
+    if isinstance(event, PreparedEvent):
+        return event
+    if not isinstance(event, Mapping):
+        raise InvalidInputError(
+            "event", event, "must be a mapping of record() arguments or a PreparedEvent"
+        )
+    for key in event:
+        if key not in _SPEC_KEYS:
+            raise InvalidInputError(
+                str(key), event[key], "is not an argument of record(): " + ", ".join(_SPEC_FIELDS)
+            )
+    for key in _SPEC_REQUIRED:
+        if key not in event:
+            raise InvalidInputError(key, None, "is required")
+    return prepare_event(
+        event["event_type"],
+        event["entity_type"],
+        event["entity_id"],
+        event["data"],
+        actor=event.get("actor", "system"),
+        occurred_at=event.get("occurred_at"),
+        event_id=event.get("event_id"),
+        recommendation_id=event.get("recommendation_id"),
+        order_id=event.get("order_id"),
+        max_payload_bytes=max_payload_bytes,
+    )
+
+
+def prepare_batch(
+    events: Iterable[EventSpec | PreparedEvent],
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> list[PreparedEvent]:
+    """Validate every event of a batch, or refuse the batch at the first bad one.
+
+    The error is of the same class as :func:`prepare_event` raises, with the
+    position in front of the field: ``events[3].data.quantity``.
+    """
+    if isinstance(events, (str, bytes, Mapping)):
+        raise InvalidInputError("events", events, "must be an iterable of events")
+    prepared: list[PreparedEvent] = []
+    for index, event in enumerate(events):
+        try:
+            prepared.append(_prepare_spec(event, max_payload_bytes))
+        except InvalidInputError as exc:
+            raise type(exc)(f"events[{index}].{exc.field}", exc.value, exc.reason) from exc
+    return prepared
+
+
+def _all_recorded(outcomes: Sequence[bulk.Outcome]) -> list[AuditRecord]:
+    """The records of a batch, or the first conflict (which undoes the batch's savepoint)."""
+    records: list[AuditRecord] = []
+    for outcome in outcomes:
+        if isinstance(outcome, EventIdConflictError):
+            raise outcome
+        records.append(outcome)
+    return records
 
 
 def record_from_row(row: Sequence[Any]) -> AuditRecord:
@@ -402,48 +504,56 @@ class AuditRepository:
 
     async def insert_prepared(self, prepared: PreparedEvent) -> AuditRecord:
         """Insert an event validated by :func:`prepare_event` (idempotent by id)."""
-        stmt = (
-            pg_insert(AuditEvent)
-            .on_conflict_do_nothing(index_elements=[AuditEvent.id])
-            .returning(AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.recorded_at)
-        )
         try:
-            result = await self.session.execute(stmt, prepared.row())
-            inserted = result.first()
+            conn = await self.session.connection()
+            inserted = await bulk.insert_one(conn, prepared)
+            if inserted is not None:
+                return inserted
+            stored = (await bulk.fetch_stored(conn, [prepared.id])).get(prepared.id)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, f"recording {prepared.event_type.value}") from exc
-        if inserted is None:
-            return await self._existing(prepared)
-        return AuditRecord(
-            id=prepared.id,
-            seq=inserted[0],
-            event_type=prepared.event_type,
-            entity_type=prepared.entity_type,
-            entity_id=prepared.entity_id,
-            actor=prepared.actor,
-            data=prepared.data,
-            occurred_at=inserted[1],
-            recorded_at=inserted[2],
-            recommendation_id=prepared.recommendation_id,
-            order_id=prepared.order_id,
-            ticker=prepared.ticker,
-        )
-
-    async def _existing(self, prepared: PreparedEvent) -> AuditRecord:
-        stored = await self.get(prepared.id)
-        if stored is None:  # pragma: no cover - conflict on id means the row exists
-            raise EventIdConflictError(prepared.id)
-        same = (
-            stored.event_type is prepared.event_type
-            and stored.entity_type is prepared.entity_type
-            and stored.entity_id == prepared.entity_id
-            and stored.actor == prepared.actor
-            and stored.data == prepared.data
-            and (prepared.occurred_at is None or stored.occurred_at == prepared.occurred_at)
-        )
-        if not same:
+        if stored is None or not bulk.same_event(stored, prepared):
             raise EventIdConflictError(prepared.id)
         return stored
+
+    async def record_many(self, events: Iterable[EventSpec | PreparedEvent]) -> list[AuditRecord]:
+        """Validate and write a batch of events in the session's transaction, in order.
+
+        Each event is a mapping of :meth:`record`'s arguments (see
+        :class:`EventSpec`) or a :class:`PreparedEvent`. The whole batch is
+        validated before anything is sent; a bad event refuses the batch with
+        an error whose field names its position (``events[3].data.quantity``).
+
+        Small batches are one ``INSERT`` of arrays (one round trip); large ones
+        go through ``COPY`` on the session's own connection (see
+        :mod:`audit_orm.bulk`). The batch runs in a savepoint, so on any
+        failure nothing of it stays and the caller's transaction remains usable.
+
+        Idempotent by event id, like :meth:`record`: an event already stored
+        with the same content comes back as stored (nothing is added); a
+        repeated id with different content, stored or earlier in the batch,
+        refuses the whole batch with :class:`EventIdConflictError`.
+
+        :returns: one record per event, in the order given; ``seq`` follows that order.
+        :raises InvalidInputError: (or a subclass) before anything reaches the session.
+        :raises EventIdConflictError: an event id is taken by a different event.
+        :raises AuditStorageError: the database failed; the batch left nothing behind.
+        """
+        prepared = prepare_batch(events, max_payload_bytes=self.max_payload_bytes)
+        if not prepared:
+            return []
+        try:
+            conn = await self.session.connection()
+            if await bulk.is_autocommit(conn):
+                # No transaction block to hold a savepoint: each statement
+                # commits on its own (see the bulk module).
+                outcomes = await bulk.insert_many(conn, prepared)
+                return _all_recorded(outcomes)
+            async with self.session.begin_nested():
+                outcomes = await bulk.insert_many(conn, prepared)
+                return _all_recorded(outcomes)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, f"recording {len(prepared)} events") from exc
 
     # ---------------------------------------------------------- stage helpers
 
@@ -841,6 +951,65 @@ class AuditRepository:
             records = records[:limit]
             return AuditPage(records, str(records[-1].seq))
         return AuditPage(records, None)
+
+    def stream(
+        self,
+        *,
+        event_types: Iterable[AuditEventType | str] | None = None,
+        entity_type: EntityType | str | None = None,
+        entity_id: UUID | str | None = None,
+        actor: str | None = None,
+        ticker: str | None = None,
+        order_id: UUID | str | None = None,
+        recommendation_id: UUID | str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        after: str | None = None,
+        chunk_size: int = DEFAULT_STREAM_CHUNK,
+    ) -> AsyncIterator[AuditRecord]:
+        """Every event a :meth:`search` with these filters would page through, one by one.
+
+        Rows come from a server-side cursor, ``chunk_size`` at a time, so an
+        export of millions of events holds one chunk in memory. The cursor
+        lives in the session's transaction (so not on an ``AUTOCOMMIT``
+        session) and sees the table as it was when the cursor opened: events
+        committed later are not included. Filters are validated here, before
+        the first row is asked for. Close the iterator when stopping early
+        (``contextlib.aclosing``) to release the cursor at once.
+        """
+        if (
+            isinstance(chunk_size, bool)
+            or not isinstance(chunk_size, int)
+            or not 1 <= chunk_size <= 100_000
+        ):
+            raise InvalidInputError("chunk_size", chunk_size, "must be an integer from 1 to 100000")
+        stmt = search_statement(
+            event_types=event_types,
+            entity_type=entity_type,
+            entity_id=entity_id,
+            actor=actor,
+            ticker=ticker,
+            order_id=order_id,
+            recommendation_id=recommendation_id,
+            since=since,
+            until=until,
+            after=after,
+        )
+        return self._stream(stmt.execution_options(yield_per=chunk_size))
+
+    async def _stream(self, stmt: Select[Any]) -> AsyncIterator[AuditRecord]:
+        try:
+            result = await self.session.stream(stmt)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "stream") from exc
+        try:
+            async for chunk in result.partitions():
+                for row in chunk:
+                    yield record_from_row(row)
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "stream") from exc
+        finally:
+            await result.close()
 
     async def _fetch(self, stmt: Select[Any], action: str) -> list[AuditRecord]:
         try:

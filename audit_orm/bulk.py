@@ -1,0 +1,325 @@
+"""How validated events reach the table: one row, one array INSERT, or COPY.
+
+Every write path of the package ends here: :meth:`AuditRepository.record`
+(one row), :meth:`AuditRepository.record_many` and :class:`AuditWriter`
+(batches). The statements are plain SQL run on the caller's connection, so they
+join whatever transaction that connection is in.
+
+Idempotency by event id holds on every path. Small batches go out as one
+``INSERT .. SELECT FROM unnest(arrays) .. ON CONFLICT (id) DO NOTHING
+RETURNING``: one round trip, ids that already exist are skipped and then
+compared with what is stored. Large batches are checked against the table
+first and the new rows are sent with ``COPY`` straight into ``audit_events``,
+the fastest way PostgreSQL accepts rows; row triggers fire for ``COPY`` as for
+``INSERT``. Should a concurrent transaction store one of those ids between the
+check and the ``COPY``, the ``COPY`` fails inside its own savepoint and the
+batch falls back to the array statement.
+
+Rows are inserted in the order given, so ``seq`` follows the batch order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from audit_orm.enums import AuditEventType, EntityType
+from audit_orm.errors import EventIdConflictError, translate_db_error
+from audit_orm.jsonb import loads_exact
+from audit_orm.records import AuditRecord
+
+if TYPE_CHECKING:
+    from audit_orm.repository import PreparedEvent
+
+#: Batches of at least this many new events are sent with COPY. Below it the
+#: array INSERT wins: COPY costs two extra round trips (savepoint, id lookup).
+COPY_THRESHOLD = 2_000
+
+#: The columns a client writes, in the order of every statement below.
+INSERT_COLUMNS = (
+    "id",
+    "event_type",
+    "entity_type",
+    "entity_id",
+    "actor",
+    "data",
+    "occurred_at",
+    "recommendation_id",
+    "order_id",
+    "ticker",
+)
+_COLUMN_LIST = ", ".join(INSERT_COLUMNS)
+
+INSERT_ONE_SQL = (
+    f"INSERT INTO audit_events ({_COLUMN_LIST}) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10) "
+    "ON CONFLICT (id) DO NOTHING "
+    "RETURNING seq, occurred_at, recorded_at"
+)
+
+# ORDER BY ord makes the identity values follow the batch order: the insert
+# draws seq for each row as the sorted rows reach it.
+INSERT_ARRAYS_SQL = (
+    f"INSERT INTO audit_events ({_COLUMN_LIST}) "
+    "SELECT b.id, b.event_type, b.entity_type, b.entity_id, b.actor, b.data::jsonb, "
+    "b.occurred_at, b.recommendation_id, b.order_id, b.ticker "
+    "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], "
+    "$7::timestamptz[], $8::uuid[], $9::uuid[], $10::text[]) "
+    f"WITH ORDINALITY AS b({_COLUMN_LIST}, ord) "
+    "ORDER BY b.ord "
+    "ON CONFLICT (id) DO NOTHING "
+    "RETURNING id, seq, occurred_at, recorded_at"
+)
+
+SELECT_KEYS_SQL = (
+    "SELECT id, seq, occurred_at, recorded_at FROM audit_events WHERE id = ANY($1::uuid[])"
+)
+
+SELECT_STORED_SQL = (
+    "SELECT id, seq, event_type, entity_type, entity_id, actor, data::text, occurred_at, "
+    "recorded_at, recommendation_id, order_id, ticker "
+    "FROM audit_events WHERE id = ANY($1::uuid[])"
+)
+
+#: What one event of a batch came to: its stored record, or the conflict refusing it.
+Outcome = AuditRecord | EventIdConflictError
+
+
+def insert_params(event: PreparedEvent) -> tuple[Any, ...]:
+    """The values of one row, in :data:`INSERT_COLUMNS` order."""
+    return (
+        event.id,
+        event.event_type.value,
+        event.entity_type.value,
+        event.entity_id,
+        event.actor,
+        event.json_text(),
+        event.occurred_at,
+        event.recommendation_id,
+        event.order_id,
+        event.ticker,
+    )
+
+
+def written_record(
+    event: PreparedEvent, seq: int, occurred_at: datetime, recorded_at: datetime
+) -> AuditRecord:
+    """The record of an event just inserted, from the values the database assigned."""
+    return AuditRecord(
+        id=event.id,
+        seq=seq,
+        event_type=event.event_type,
+        entity_type=event.entity_type,
+        entity_id=event.entity_id,
+        actor=event.actor,
+        data=event.data,
+        occurred_at=occurred_at,
+        recorded_at=recorded_at,
+        recommendation_id=event.recommendation_id,
+        order_id=event.order_id,
+        ticker=event.ticker,
+    )
+
+
+def same_event(stored: AuditRecord, event: PreparedEvent) -> bool:
+    """Whether ``event`` repeats ``stored`` (a retry) rather than reusing its id.
+
+    Correlation columns are derived from the rest, so they are not compared; an
+    ``occurred_at`` left to default matches whatever time was stored.
+    """
+    return (
+        stored.event_type is event.event_type
+        and stored.entity_type is event.entity_type
+        and stored.entity_id == event.entity_id
+        and stored.actor == event.actor
+        and stored.data == event.data
+        and (event.occurred_at is None or stored.occurred_at == event.occurred_at)
+    )
+
+
+def _same_prepared(first: PreparedEvent, other: PreparedEvent) -> bool:
+    return (
+        first.event_type is other.event_type
+        and first.entity_type is other.entity_type
+        and first.entity_id == other.entity_id
+        and first.actor == other.actor
+        and first.data == other.data
+        and (other.occurred_at is None or first.occurred_at == other.occurred_at)
+    )
+
+
+async def insert_one(conn: AsyncConnection, event: PreparedEvent) -> AuditRecord | None:
+    """Insert one event; ``None`` if its id is already stored (nothing written)."""
+    result = await conn.exec_driver_sql(INSERT_ONE_SQL, insert_params(event))
+    row: Sequence[Any] | None = result.first()
+    if row is None:
+        return None
+    return written_record(event, row[0], row[1], row[2])
+
+
+async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID, AuditRecord]:
+    """The stored records among ``ids``."""
+    if not ids:
+        return {}
+    result = await conn.exec_driver_sql(SELECT_STORED_SQL, (list(ids),))
+    rows: Sequence[Sequence[Any]] = result.all()
+    stored: dict[UUID, AuditRecord] = {}
+    for row in rows:
+        stored[row[0]] = AuditRecord(
+            id=row[0],
+            seq=row[1],
+            event_type=AuditEventType(row[2]),
+            entity_type=EntityType(row[3]),
+            entity_id=row[4],
+            actor=row[5],
+            data=loads_exact(row[6]),
+            occurred_at=row[7],
+            recorded_at=row[8],
+            recommendation_id=row[9],
+            order_id=row[10],
+            ticker=row[11],
+        )
+    return stored
+
+
+async def insert_many(
+    conn: AsyncConnection, events: Sequence[PreparedEvent], *, copy_threshold: int = COPY_THRESHOLD
+) -> list[Outcome]:
+    """Insert ``events`` in order; return one outcome per event, in the same order.
+
+    An event whose id is already stored (or appears earlier in the batch) with
+    the same content comes back as the stored record; with different content
+    as an :class:`EventIdConflictError`, and nothing is written for it. The
+    other events are written either way: callers that need all-or-nothing run
+    this in a savepoint and undo it when any outcome is a conflict.
+
+    :raises AuditStorageError: the database failed; what was sent is undone only
+        if the caller's transaction (or savepoint) is rolled back.
+    """
+    unique: list[PreparedEvent] = []
+    first_of: dict[UUID, PreparedEvent] = {}
+    for event in events:
+        if event.id not in first_of:
+            first_of[event.id] = event
+            unique.append(event)
+
+    written: dict[UUID, AuditRecord]
+    stored: dict[UUID, AuditRecord] = {}
+    try:
+        copy = await _copy_target(conn) if len(unique) >= copy_threshold else None
+        if copy is None:
+            written = await _insert_arrays(conn, unique)
+        else:
+            stored = await fetch_stored(conn, [event.id for event in unique])
+            fresh = [event for event in unique if event.id not in stored]
+            written = await _copy(conn, copy, fresh)
+        skipped = [e.id for e in unique if e.id not in written and e.id not in stored]
+        stored.update(await fetch_stored(conn, skipped))
+    except Exception as exc:
+        if _from_database(exc):
+            raise translate_db_error(exc, f"recording {len(unique)} events") from exc
+        raise
+
+    outcomes: list[Outcome] = []
+    for event in events:
+        first = first_of[event.id]
+        if first is not event and not _same_prepared(first, event):
+            outcomes.append(EventIdConflictError(event.id))
+            continue
+        record = written.get(event.id)
+        if record is not None:
+            outcomes.append(record)
+            continue
+        existing = stored.get(event.id)
+        if existing is None:  # pragma: no cover - a skipped insert means the row exists
+            raise translate_db_error(
+                LookupError(f"event {event.id} was neither written nor found"), "recording events"
+            )
+        outcomes.append(existing if same_event(existing, event) else EventIdConflictError(event.id))
+    return outcomes
+
+
+async def _insert_arrays(
+    conn: AsyncConnection, events: Sequence[PreparedEvent]
+) -> dict[UUID, AuditRecord]:
+    if not events:
+        return {}
+    columns: list[list[Any]] = [[] for _ in INSERT_COLUMNS]
+    for event in events:
+        for column, value in zip(columns, insert_params(event), strict=True):
+            column.append(value)
+    result = await conn.exec_driver_sql(INSERT_ARRAYS_SQL, tuple(columns))
+    rows: Sequence[Sequence[Any]] = result.all()
+    by_id = {event.id: event for event in events}
+    return {row[0]: written_record(by_id[row[0]], row[1], row[2], row[3]) for row in rows}
+
+
+#: SQLSTATE of a unique violation.
+_UNIQUE_VIOLATION = "23505"
+
+
+def _from_database(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the database or the driver (raw COPY errors included)."""
+    return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) or type(
+        exc
+    ).__module__.startswith("asyncpg")
+
+
+@dataclass(frozen=True, slots=True)
+class _CopyTarget:
+    driver: Any
+    autocommit: bool
+
+
+async def is_autocommit(conn: AsyncConnection) -> bool:
+    """Whether ``conn`` runs each statement as its own transaction (``AUTOCOMMIT``)."""
+    raw = await conn.get_raw_connection()
+    return bool(getattr(raw.dbapi_connection, "autocommit", False))
+
+
+async def _copy_target(conn: AsyncConnection) -> _CopyTarget | None:
+    """The driver connection under ``conn`` if it can COPY (asyncpg does), else ``None``."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    if not callable(getattr(driver, "copy_records_to_table", None)):
+        return None
+    return _CopyTarget(driver, bool(getattr(raw.dbapi_connection, "autocommit", False)))
+
+
+async def _copy(
+    conn: AsyncConnection, target: _CopyTarget, events: Sequence[PreparedEvent]
+) -> dict[UUID, AuditRecord]:
+    if not events:
+        return {}
+    values = [insert_params(event) for event in events]
+    try:
+        if target.autocommit:
+            # Outside a transaction block the COPY is a transaction of its own.
+            await target.driver.copy_records_to_table(
+                "audit_events", records=values, columns=INSERT_COLUMNS
+            )
+        else:
+            # The savepoint confines a failed COPY (an id stored meanwhile by
+            # another transaction) so the caller's transaction survives the
+            # fallback; issuing it also makes the driver begin the transaction
+            # before the COPY runs, should nothing have been sent yet.
+            async with conn.begin_nested():
+                await target.driver.copy_records_to_table(
+                    "audit_events", records=values, columns=INSERT_COLUMNS
+                )
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+            raise
+        return await _insert_arrays(conn, events)
+    result = await conn.exec_driver_sql(SELECT_KEYS_SQL, ([event.id for event in events],))
+    rows: Sequence[Sequence[Any]] = result.all()
+    keys = {row[0]: (row[1], row[2], row[3]) for row in rows}
+    return {
+        event.id: written_record(event, *keys[event.id]) for event in events if event.id in keys
+    }
