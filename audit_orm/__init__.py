@@ -15,11 +15,13 @@ from audit_orm.errors import (
     InvalidPayloadError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
+    WriterClosedError,
 )
 from audit_orm.models import AuditEvent, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
-from audit_orm.repository import AuditRepository
+from audit_orm.repository import AuditRepository, EventSpec
+from audit_orm.writer import AuditWriter
 
 __version__ = "0.1.0"
 
@@ -34,14 +36,17 @@ __all__ = [
     "AuditRepository",
     "AuditStorageError",
     "AuditUnavailableError",
+    "AuditWriter",
     "Base",
     "EntityType",
     "EventIdConflictError",
+    "EventSpec",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
+    "WriterClosedError",
     "__version__",
     "validate_payload",
 ]

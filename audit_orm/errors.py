@@ -75,6 +75,10 @@ class AuditUnavailableError(AuditStorageError):
     """The database could not be reached (connection refused, lost or timed out)."""
 
 
+class WriterClosedError(AuditError):
+    """The :class:`~audit_orm.AuditWriter` is closed (or closing) and takes no more events."""
+
+
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 

@@ -265,6 +265,24 @@ def validate_payload(event_type: AuditEventType | str, data: Any) -> AuditPayloa
     """
     kind = coerce_event_type(event_type)
     model = PAYLOAD_MODELS[kind]
+    if type(data) is not dict:
+        # Plain dicts, the common case, skip the abstract-class checks below.
+        data = _as_dict(kind, model, data)
+        if isinstance(data, AuditPayload):
+            return data
+    for key in data:
+        if type(key) is not str and not isinstance(key, str):
+            raise InvalidPayloadError("data", key, "field names must be strings")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _describe(exc, kind) from exc
+
+
+def _as_dict(
+    kind: AuditEventType, model: type[AuditPayload], data: Any
+) -> dict[Any, Any] | AuditPayload:
+    """``data`` as a plain dict, or as itself if it already is a ``model``."""
     if isinstance(data, model):
         return data
     if isinstance(data, AuditPayload):
@@ -275,13 +293,7 @@ def validate_payload(event_type: AuditEventType | str, data: Any) -> AuditPayloa
         )
     if not isinstance(data, Mapping):
         raise InvalidPayloadError("data", data, "must be a mapping or a payload model")
-    for key in data:
-        if not isinstance(key, str):
-            raise InvalidPayloadError("data", key, "field names must be strings")
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        raise _describe(exc, kind) from exc
+    return dict(data)
 
 
 def payload_to_data(payload: AuditPayload) -> dict[str, Any]:

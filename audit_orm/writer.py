@@ -1,0 +1,392 @@
+"""AuditWriter: events written apart from the caller's transaction, committed in groups.
+
+Some events must be stored whatever happens to the caller's transaction: a
+risk rejection, a prevented duplicate order. :class:`AuditWriter` owns its
+connection and its transactions for them. Many concurrent
+``await writer.record(...)`` calls are grouped: the writer takes what is
+queued (up to ``max_batch`` events), writes it as one statement and commits
+once, and each caller's ``await`` returns only when its event is committed.
+While one group commits the next one gathers, so a busy writer spends one
+commit on many events instead of one commit each.
+
+Guarantees:
+
+* validation happens in :meth:`AuditWriter.record`, before the event is queued,
+  so one caller's bad input fails that caller alone;
+* an ``await`` that returns means the event is committed (durable as far as
+  the server's ``synchronous_commit`` makes commits durable);
+* a group that fails raises to every caller in it: nothing is dropped
+  silently. When the connection breaks during a commit, the outcome is
+  unknown; retry with the same ``event_id`` (idempotent) to be sure;
+* an event id already stored with other content fails that caller alone with
+  :class:`EventIdConflictError`; the rest of the group is written;
+* the queue is bounded: when it is full, ``record`` waits (back-pressure);
+* :meth:`AuditWriter.close` (or leaving ``async with``) writes everything
+  queued before it returns;
+* events are inserted in the order they were queued, so ``seq`` follows it.
+
+Cancelling a caller's ``await`` does not withdraw its event once queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit_orm import bulk
+from audit_orm.database import create_engine
+from audit_orm.enums import AuditEventType, EntityType
+from audit_orm.errors import (
+    AuditError,
+    AuditStorageError,
+    EventIdConflictError,
+    InvalidInputError,
+    WriterClosedError,
+    translate_db_error,
+)
+from audit_orm.payloads import AuditPayload
+from audit_orm.records import AuditRecord
+from audit_orm.repository import DEFAULT_MAX_PAYLOAD_BYTES, PreparedEvent, prepare_event
+
+#: Default largest group written and committed at once.
+DEFAULT_MAX_BATCH = 1_000
+#: Default bound of the queue; ``record`` waits while it is full.
+DEFAULT_MAX_QUEUE = 10_000
+#: Default wait for more events before a partial group is committed (seconds).
+DEFAULT_MAX_DELAY = 0.0
+
+
+@dataclass(slots=True)
+class WriterStats:
+    """Counters of an :class:`AuditWriter` since it was created."""
+
+    #: Events confirmed to their callers (idempotent repeats included).
+    events: int = 0
+    #: Groups committed, each one transaction.
+    batches: int = 0
+    #: Groups that failed and raised to all their callers.
+    failed_batches: int = 0
+
+
+class _Pending:
+    """One queued event and the future its caller awaits."""
+
+    __slots__ = ("event", "future", "queued_at")
+
+    def __init__(self, event: PreparedEvent, future: asyncio.Future[AuditRecord], at: float):
+        self.event = event
+        self.future = future
+        self.queued_at = at
+
+    def resolve(self, outcome: AuditRecord | BaseException) -> None:
+        if self.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+#: Queued after the last event by :meth:`AuditWriter.close`.
+_STOP = object()
+
+
+def _failure(exc: BaseException, event: PreparedEvent) -> BaseException:
+    """A fresh exception for one caller of a failed group (each raises its own)."""
+    action = f"recording {event.event_type.value}"
+    if isinstance(exc, AuditStorageError):
+        error: BaseException = type(exc)(str(exc))
+    elif isinstance(exc, asyncio.CancelledError):
+        error = AuditStorageError(
+            f"{action}: the writer stopped before the commit was confirmed; "
+            "the event may or may not be stored"
+        )
+    elif isinstance(exc, AuditError):
+        error = AuditStorageError(f"{action} failed: {exc}")
+    else:
+        error = translate_db_error(exc, action)
+    error.__cause__ = exc
+    return error
+
+
+class AuditWriter:
+    """Write audit events in their own transactions, grouping concurrent callers.
+
+    Use it as an async context manager (or call :meth:`start` and
+    :meth:`close`)::
+
+        async with AuditWriter(engine) as writer:
+            record = await writer.record(AuditEventType.RISK_REJECTED, ...)
+
+    :param engine: the engine to write through (a connection of its pool is
+        held while the writer runs), or a database URL, or ``None`` for
+        :func:`audit_orm.database.create_engine`'s default. An engine made
+        here is disposed by :meth:`close`; one passed in is left open.
+    :param max_batch: the largest group written and committed at once.
+    :param max_delay: how long (seconds) the first event of a partial group
+        may wait for more before the group is committed. ``0`` commits as
+        soon as the previous commit is done, with whatever has queued during
+        it; that already groups concurrent callers, and adds no latency.
+    :param max_queue: events queued at most; further ``record`` calls wait.
+    :param max_payload_bytes: refuse payloads whose stored JSON is larger.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine | str | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidInputError("max_batch", max_batch, "must be a positive integer")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise InvalidInputError("max_queue", max_queue, "must be a positive integer")
+        if (
+            isinstance(max_delay, bool)
+            or not isinstance(max_delay, (int, float))
+            or not 0 <= max_delay <= 60
+        ):
+            raise InvalidInputError("max_delay", max_delay, "must be from 0 to 60 seconds")
+        self._owns_engine = not isinstance(engine, AsyncEngine)
+        base = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
+        # Each group is one INSERT statement, which in autocommit mode is a
+        # transaction of its own: one round trip writes and commits a group.
+        self._engine = base.execution_options(isolation_level="AUTOCOMMIT")
+        self._base_engine = base
+        self.max_batch = max_batch
+        self.max_delay = float(max_delay)
+        self.max_payload_bytes = max_payload_bytes
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_queue)
+        self._task: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection | None = None
+        self._closing = False
+        self._closed = False
+        self._putting = 0
+        self.stats = WriterStats()
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> AuditWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the background task that writes the groups (``record`` does it when needed)."""
+        if self._closing:
+            raise WriterClosedError("the audit writer is closed")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="audit_orm.AuditWriter"
+            )
+
+    async def flush(self) -> None:
+        """Wait until every event queued so far is written (or has failed)."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Stop taking events, write everything queued, then release the connection."""
+        if self._closed:
+            return
+        self._closing = True
+        if self._task is not None and not self._task.done():
+            # Callers blocked by back-pressure were admitted before closing:
+            # their events are written too.
+            while True:
+                await self._queue.join()
+                if self._putting == 0:
+                    break
+                await asyncio.sleep(0)
+            await self._queue.put(_STOP)
+            await self._task
+        await self._disconnect()
+        if self._owns_engine:
+            await self._base_engine.dispose()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has begun: ``record`` raises :class:`WriterClosedError`."""
+        return self._closing
+
+    @property
+    def queued(self) -> int:
+        """Events waiting in the queue (not yet taken into a group)."""
+        return self._queue.qsize()
+
+    # -------------------------------------------------------------- writes
+
+    async def record(
+        self,
+        event_type: AuditEventType | str,
+        entity_type: EntityType | str,
+        entity_id: UUID | str,
+        data: AuditPayload | Mapping[str, Any],
+        *,
+        actor: str = "system",
+        occurred_at: datetime | str | None = None,
+        event_id: UUID | str | None = None,
+        recommendation_id: UUID | str | None = None,
+        order_id: UUID | str | None = None,
+    ) -> AuditRecord:
+        """Validate an event, queue it, and return its record once it is committed.
+
+        Arguments as for :meth:`AuditRepository.record
+        <audit_orm.AuditRepository.record>`.
+
+        :raises InvalidInputError: (or a subclass) at once; nothing is queued.
+        :raises WriterClosedError: the writer is closed.
+        :raises EventIdConflictError: ``event_id`` exists with different content.
+        :raises AuditStorageError: the group holding the event failed.
+        """
+        prepared = prepare_event(
+            event_type,
+            entity_type,
+            entity_id,
+            data,
+            actor=actor,
+            occurred_at=occurred_at,
+            event_id=event_id,
+            recommendation_id=recommendation_id,
+            order_id=order_id,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        return await self.record_prepared(prepared)
+
+    async def record_prepared(self, event: PreparedEvent) -> AuditRecord:
+        """Queue an event validated by :func:`~audit_orm.repository.prepare_event`.
+
+        Returns its record once committed; raises as :meth:`record` does.
+        """
+        if self._closing:
+            raise WriterClosedError("the audit writer is closed")
+        if self._task is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AuditRecord] = loop.create_future()
+        self._putting += 1
+        try:
+            await self._queue.put(_Pending(event, future, loop.time()))
+        finally:
+            self._putting -= 1
+        if self._task is None or self._task.done():
+            # The background task ended (its loop is shutting down): nothing
+            # will take this event, so say so instead of waiting forever.
+            raise WriterClosedError("the audit writer stopped; the event was not written")
+        # Shielded: a caller that stops waiting must not cancel the outcome the
+        # writer will still deliver for the queued event.
+        return await asyncio.shield(future)
+
+    # ---------------------------------------------------------- background
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[_Pending] = []
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _STOP:
+                    self._queue.task_done()
+                    return
+                batch = [item]
+                stop = await self._gather(batch, loop.time)
+                await self._write(batch)
+                for _ in batch:
+                    self._queue.task_done()
+                batch = []
+                if stop:
+                    self._queue.task_done()
+                    return
+        except BaseException as exc:
+            # Stopped from outside (the loop is shutting down): whoever still
+            # waits learns that the outcome is unknown or that nothing was written.
+            self._closing = True
+            for pending in batch:
+                pending.resolve(_failure(exc, pending.event))
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, _Pending):
+                    item.resolve(_failure(exc, item.event))
+                self._queue.task_done()
+            raise
+
+    async def _gather(self, batch: list[_Pending], clock: Any) -> bool:
+        """Add queued events to ``batch``; ``True`` if the stop marker was met."""
+        deadline = batch[0].queued_at + self.max_delay
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    return False
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    return False
+            if item is _STOP:
+                return True
+            batch.append(item)
+        return False
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        events = [pending.event for pending in batch]
+        try:
+            conn = await self._connect()
+            outcomes = await bulk.insert_many(conn, events)
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            await self._disconnect(broken=True)
+            for pending in batch:
+                pending.resolve(_failure(exc, pending.event))
+            return
+        except BaseException as exc:
+            # Cancelled mid-write: the connection may be mid-statement.
+            self.stats.failed_batches += 1
+            for pending in batch:
+                pending.resolve(_failure(exc, pending.event))
+            raise
+        self.stats.batches += 1
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, EventIdConflictError):
+                pending.resolve(EventIdConflictError(outcome.event_id))
+            else:
+                self.stats.events += 1
+                pending.resolve(outcome)
+
+    async def _connect(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+        return self._conn
+
+    async def _disconnect(self, *, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if broken:
+                # After a failure the connection's state is unknown: discard it
+                # rather than hand it back to the pool.
+                await conn.invalidate()
+            await conn.close()
+        except Exception:
+            # A broken connection may refuse to close; it is dropped either way.
+            pass
