@@ -189,7 +189,7 @@ async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID,
 
 
 async def insert_many(
-    conn: AsyncConnection, events: Sequence[PreparedEvent], *, copy_threshold: int = COPY_THRESHOLD
+    conn: AsyncConnection, events: Sequence[PreparedEvent], *, copy_threshold: int | None = None
 ) -> list[Outcome]:
     """Insert ``events`` in order; return one outcome per event, in the same order.
 
@@ -199,9 +199,12 @@ async def insert_many(
     other events are written either way: callers that need all-or-nothing run
     this in a savepoint and undo it when any outcome is a conflict.
 
+    :param copy_threshold: send with COPY from this many new events on
+        (default :data:`COPY_THRESHOLD`).
     :raises AuditStorageError: the database failed; what was sent is undone only
         if the caller's transaction (or savepoint) is rolled back.
     """
+    threshold = COPY_THRESHOLD if copy_threshold is None else copy_threshold
     unique: list[PreparedEvent] = []
     first_of: dict[UUID, PreparedEvent] = {}
     for event in events:
@@ -212,7 +215,7 @@ async def insert_many(
     written: dict[UUID, AuditRecord]
     stored: dict[UUID, AuditRecord] = {}
     try:
-        copy = await _copy_target(conn) if len(unique) >= copy_threshold else None
+        copy = await _copy_target(conn) if len(unique) >= threshold else None
         if copy is None:
             written = await _insert_arrays(conn, unique)
         else:
@@ -228,13 +231,13 @@ async def insert_many(
 
     outcomes: list[Outcome] = []
     for event in events:
-        first = first_of[event.id]
-        if first is not event and not _same_prepared(first, event):
-            outcomes.append(EventIdConflictError(event.id))
-            continue
         record = written.get(event.id)
         if record is not None:
-            outcomes.append(record)
+            # Written now from the first event with this id; a later one in
+            # the batch must repeat it.
+            first = first_of[event.id]
+            same = first is event or _same_prepared(first, event)
+            outcomes.append(record if same else EventIdConflictError(event.id))
             continue
         existing = stored.get(event.id)
         if existing is None:  # pragma: no cover - a skipped insert means the row exists

@@ -8,7 +8,7 @@ change it describes, and a rollback leaves no audit row.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -550,6 +550,9 @@ class AuditRepository:
                 outcomes = await bulk.insert_many(conn, prepared)
                 return _all_recorded(outcomes)
             async with self.session.begin_nested():
+                # Asking the session for its connection inside the block is what
+                # emits the SAVEPOINT (the session creates it lazily).
+                conn = await self.session.connection()
                 outcomes = await bulk.insert_many(conn, prepared)
                 return _all_recorded(outcomes)
         except SQLAlchemyError as exc:
@@ -966,16 +969,17 @@ class AuditRepository:
         until: datetime | str | None = None,
         after: str | None = None,
         chunk_size: int = DEFAULT_STREAM_CHUNK,
-    ) -> AsyncIterator[AuditRecord]:
+    ) -> AsyncGenerator[AuditRecord, None]:
         """Every event a :meth:`search` with these filters would page through, one by one.
 
         Rows come from a server-side cursor, ``chunk_size`` at a time, so an
         export of millions of events holds one chunk in memory. The cursor
         lives in the session's transaction (so not on an ``AUTOCOMMIT``
-        session) and sees the table as it was when the cursor opened: events
-        committed later are not included. Filters are validated here, before
-        the first row is asked for. Close the iterator when stopping early
-        (``contextlib.aclosing``) to release the cursor at once.
+        session), sees the table as it was when it opened (events committed
+        later are not included) and is released by the server when that
+        transaction ends. Filters are validated here, before the first row is
+        asked for. When stopping early, close the iterator
+        (``contextlib.aclosing``) so its result is closed at once.
         """
         if (
             isinstance(chunk_size, bool)
@@ -997,7 +1001,7 @@ class AuditRepository:
         )
         return self._stream(stmt.execution_options(yield_per=chunk_size))
 
-    async def _stream(self, stmt: Select[Any]) -> AsyncIterator[AuditRecord]:
+    async def _stream(self, stmt: Select[Any]) -> AsyncGenerator[AuditRecord, None]:
         try:
             result = await self.session.stream(stmt)
         except SQLAlchemyError as exc:

@@ -197,25 +197,22 @@ class AuditWriter:
                 self._run(), name="audit_orm.AuditWriter"
             )
 
-    async def flush(self) -> None:
-        """Wait until every event queued so far is written (or has failed)."""
-        await self._queue.join()
-
     async def close(self) -> None:
-        """Stop taking events, write everything queued, then release the connection."""
+        """Stop taking events, write everything queued, then release the connection.
+
+        Callers already waiting for room in the queue were admitted before
+        the close: their events are written too.
+        """
         if self._closed:
             return
         self._closing = True
-        if self._task is not None and not self._task.done():
-            # Callers blocked by back-pressure were admitted before closing:
-            # their events are written too.
-            while True:
-                await self._queue.join()
-                if self._putting == 0:
-                    break
-                await asyncio.sleep(0)
+        task = self._task
+        if task is not None and not task.done():
             await self._queue.put(_STOP)
-            await self._task
+            await asyncio.wait([task])
+            if not task.cancelled():
+                # Every waiter was answered; a task that died only needs reaping.
+                task.exception()
         await self._disconnect()
         if self._owns_engine:
             await self._base_engine.dispose()
@@ -230,6 +227,11 @@ class AuditWriter:
     def queued(self) -> int:
         """Events waiting in the queue (not yet taken into a group)."""
         return self._queue.qsize()
+
+    @property
+    def blocked(self) -> int:
+        """Callers waiting for room in the full queue (back-pressure)."""
+        return self._putting
 
     # -------------------------------------------------------------- writes
 
@@ -297,23 +299,33 @@ class AuditWriter:
     # ---------------------------------------------------------- background
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         batch: list[_Pending] = []
+        stopping = False
         try:
             while True:
-                item = await self._queue.get()
+                if not stopping:
+                    item = await self._queue.get()
+                elif not self._queue.empty():
+                    item = self._queue.get_nowait()
+                elif self._putting:
+                    # Admitted callers are about to enqueue (the queue has room).
+                    await asyncio.sleep(0)
+                    continue
+                else:
+                    return
                 if item is _STOP:
                     self._queue.task_done()
-                    return
+                    stopping = True
+                    continue
                 batch = [item]
-                stop = await self._gather(batch, loop.time)
+                met_stop = await self._gather(batch, wait=not stopping)
                 await self._write(batch)
                 for _ in batch:
                     self._queue.task_done()
                 batch = []
-                if stop:
+                if met_stop:
                     self._queue.task_done()
-                    return
+                    stopping = True
         except BaseException as exc:
             # Stopped from outside (the loop is shutting down): whoever still
             # waits learns that the outcome is unknown or that nothing was written.
@@ -327,15 +339,20 @@ class AuditWriter:
                 self._queue.task_done()
             raise
 
-    async def _gather(self, batch: list[_Pending], clock: Any) -> bool:
-        """Add queued events to ``batch``; ``True`` if the stop marker was met."""
+    async def _gather(self, batch: list[_Pending], *, wait: bool) -> bool:
+        """Add queued events to ``batch``; ``True`` if the stop marker was met.
+
+        Waits for more only while the first event is younger than
+        ``max_delay``; :meth:`close` cuts the wait short with its marker.
+        """
         deadline = batch[0].queued_at + self.max_delay
+        loop = asyncio.get_running_loop()
         while len(batch) < self.max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - clock()
-                if remaining <= 0:
+                remaining = deadline - loop.time()
+                if not wait or remaining <= 0:
                     return False
                 try:
                     async with asyncio.timeout(remaining):
