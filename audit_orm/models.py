@@ -89,30 +89,48 @@ class AuditEvent(Base):
         CheckConstraint(EVENT_TYPE_CHECK, name="event_type"),
         CheckConstraint(ENTITY_TYPE_CHECK, name="entity_type"),
         CheckConstraint("length(actor) > 0", name="actor_not_empty"),
-        # Each trail query is served by one of these; partial indexes skip the
-        # rows that carry no such id, which keeps their write cost down.
+        # The indexes, each for a query that needs it; every one is paid for on
+        # every insert, so the set is kept small (see alembic 0004).
+        #
+        # Order trail, first hop: the order's events. Partial (only rows that
+        # carry an order id), and covering: entity_id and recommendation_id
+        # ride along so the trail finds the chain's entities and its
+        # recommendation without reading the table.
         Index(
             "ix_audit_events_order_id_seq",
             "order_id",
             "seq",
+            postgresql_include=["entity_id", "recommendation_id"],
             postgresql_where=text("order_id IS NOT NULL"),
         ),
+        # Order trail, second hop: everything linked to the recommendation.
+        # Partial and covering (entity_id) for the same reason.
         Index(
             "ix_audit_events_recommendation_id_seq",
             "recommendation_id",
             "seq",
+            postgresql_include=["entity_id"],
             postgresql_where=text("recommendation_id IS NOT NULL"),
         ),
+        # Entity trails, and the last hop of the order trail (the rows it
+        # returns, which must be read from the table anyway for their data).
         Index("ix_audit_events_entity_id_seq", "entity_id", "seq"),
+        # search(ticker=...), in recorded order; partial.
         Index(
             "ix_audit_events_ticker_seq",
             "ticker",
             "seq",
             postgresql_where=text("ticker IS NOT NULL"),
         ),
-        # Rows arrive in time order, so a BRIN index answers time ranges at a
-        # tiny fraction of a B-tree's size and write cost.
-        Index("ix_audit_events_recorded_at", "recorded_at", postgresql_using="brin"),
+        # Time ranges. Rows arrive in time order, so BRIN answers them at a tiny
+        # fraction of a B-tree's size and write cost; autosummarize keeps the
+        # newest ranges summarized without waiting for a VACUUM.
+        Index(
+            "ix_audit_events_recorded_at",
+            "recorded_at",
+            postgresql_using="brin",
+            postgresql_with={"autosummarize": "on"},
+        ),
     )
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any, Required, TypedDict, Unpack
 from uuid import UUID
 
-from sqlalchemy import ColumnElement, Select, and_, any_, func, or_, select
+from sqlalchemy import ColumnElement, Select, Uuid, and_, any_, bindparam, func, select, union
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -410,34 +410,72 @@ def search_statement(
     return select(*RECORD_COLUMNS).where(and_(True, *filters)).order_by(AuditEvent.seq)
 
 
+def _order_trail_select() -> Select[Any]:
+    """The order trail as one constant, parameterized statement.
+
+    Built once: SQLAlchemy then reuses its cache key and compiled form, and the
+    driver its prepared statement, so a trail costs one round trip and little
+    Python. The chain's entities are collected from the two covering indexes
+    (order id, recommendation id: see the model) without touching the table;
+    the heap is read only for the rows returned, found by entity id.
+    """
+    table = AuditEvent.__table__
+    order_id = bindparam("order_id", type_=Uuid())
+    recommendation_id = bindparam("recommendation_id", type_=Uuid())
+    first = table.alias("first_link")
+    first_recommendation = (
+        select(first.c.recommendation_id)
+        .where(first.c.order_id == order_id, first.c.recommendation_id.is_not(None))
+        .order_by(first.c.seq)
+        .limit(1)
+        .scalar_subquery()
+    )
+    by_order = table.alias("by_order")
+    by_recommendation = table.alias("by_recommendation")
+    # A UNION rather than OR: each branch stays an index-only scan.
+    chain_entities = union(
+        select(by_order.c.entity_id).where(by_order.c.order_id == order_id),
+        select(by_recommendation.c.entity_id).where(
+            by_recommendation.c.recommendation_id
+            == func.coalesce(recommendation_id, first_recommendation)
+        ),
+    ).scalar_subquery()
+    columns = [table.c[column.key] for column in RECORD_COLUMNS]
+    return (
+        select(*columns)
+        .where(table.c.entity_id == any_(func.array(chain_entities)))
+        .order_by(table.c.seq)
+    )
+
+
+#: The statement behind :meth:`AuditRepository.order_trail`; parameters
+#: ``order_id`` and ``recommendation_id`` (``None`` to look it up).
+ORDER_TRAIL = _order_trail_select()
+
+
 def order_trail_statement(
     order_id: UUID | str, recommendation_id: UUID | str | None = None
 ) -> Select[Any]:
-    """The SELECT behind :meth:`AuditRepository.order_trail`.
+    """The SELECT behind :meth:`AuditRepository.order_trail`, with its values bound.
 
     The chain is: every event of the order (its lifecycle, fills, position
     changes); every event linked to its recommendation (the recommendation
     itself, risk evaluations, approval requests); and every other event about an
-    entity already in the chain (an approval's decision, say). Each branch is an
-    index lookup, so the cost follows the trail, not the table.
+    entity already in the chain (an approval's decision, say). Without
+    ``recommendation_id`` the recommendation is the first one the order's own
+    events name. Each part is an index lookup, so the cost follows the trail,
+    not the table.
     """
-    oid = coerce_uuid(order_id, "order_id")
-    rid: Any = coerce_optional_uuid(recommendation_id, "recommendation_id")
-    if rid is None:
-        rid = (
-            select(AuditEvent.recommendation_id)
-            .where(AuditEvent.order_id == oid, AuditEvent.recommendation_id.is_not(None))
-            .order_by(AuditEvent.seq)
-            .limit(1)
-            .scalar_subquery()
-        )
-    in_chain = or_(AuditEvent.order_id == oid, AuditEvent.recommendation_id == rid)
-    chain_entities = func.array(select(AuditEvent.entity_id).where(in_chain).scalar_subquery())
-    return (
-        select(*RECORD_COLUMNS)
-        .where(or_(in_chain, AuditEvent.entity_id == any_(chain_entities)))
-        .order_by(AuditEvent.seq)
-    )
+    return ORDER_TRAIL.params(_order_trail_params(order_id, recommendation_id))
+
+
+def _order_trail_params(
+    order_id: UUID | str, recommendation_id: UUID | str | None
+) -> dict[str, UUID | None]:
+    return {
+        "order_id": coerce_uuid(order_id, "order_id"),
+        "recommendation_id": coerce_optional_uuid(recommendation_id, "recommendation_id"),
+    }
 
 
 class AuditRepository:
@@ -898,7 +936,15 @@ class AuditRepository:
         ``recommendation_id`` the recommendation is found through the order's
         own events.
         """
-        return await self._fetch(order_trail_statement(order_id, recommendation_id), "order trail")
+        params = _order_trail_params(order_id, recommendation_id)
+        try:
+            # On the session's connection: the statement is plain Core, and the
+            # ORM layer of session.execute() would only add per-call overhead.
+            conn = await self.session.connection()
+            result = await conn.execute(ORDER_TRAIL, params)
+            return [record_from_row(row) for row in result.all()]
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "order trail") from exc
 
     async def entity_trail(
         self, entity_type: EntityType | str, entity_id: UUID | str
