@@ -12,12 +12,12 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Required, TypedDict, Unpack
+from typing import Any, Literal, Required, TypedDict, Unpack, overload
 from uuid import UUID
 
 from sqlalchemy import ColumnElement, Select, Uuid, and_, any_, bindparam, func, select, union
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit_orm import bulk
 from audit_orm.enums import AuditEventType, EntityType
@@ -136,6 +136,9 @@ class PreparedEvent:
     ticker: str | None
     #: ``data`` as stored JSON text; filled by :func:`prepare_event`, derived when empty.
     data_json: str = field(default="", repr=False, compare=False)
+    #: Whether the caller chose ``id`` (a retry may find it stored). ``False``
+    #: for a fresh UUIDv7, which bulk writes need not look up beforehand.
+    id_supplied: bool = field(default=True, repr=False, compare=False)
 
     def json_text(self) -> str:
         """``data`` as the exact JSON text that is stored."""
@@ -206,6 +209,7 @@ def prepare_event(
     ticker = fields.get("ticker")
     return PreparedEvent(
         id=uuid7() if event_id is None else coerce_uuid(event_id, "event_id"),
+        id_supplied=event_id is not None,
         event_type=kind,
         entity_type=entity,
         entity_id=entity_uuid,
@@ -288,10 +292,14 @@ def prepare_batch(
     return prepared
 
 
-def _all_recorded(outcomes: Sequence[bulk.Outcome]) -> list[AuditRecord]:
-    """The records of a batch, or the first conflict (which undoes the batch's savepoint)."""
+async def _write_prepared(
+    conn: AsyncConnection, prepared: Sequence[PreparedEvent], returning: bool
+) -> list[AuditRecord] | int:
+    """Write a validated batch; raise its first id conflict (which undoes its savepoint)."""
+    if not returning:
+        return await bulk.write_many(conn, prepared)
     records: list[AuditRecord] = []
-    for outcome in outcomes:
+    for outcome in await bulk.insert_many(conn, prepared):
         if isinstance(outcome, EventIdConflictError):
             raise outcome
         records.append(outcome)
@@ -554,7 +562,19 @@ class AuditRepository:
             raise EventIdConflictError(prepared.id)
         return stored
 
-    async def record_many(self, events: Iterable[EventSpec | PreparedEvent]) -> list[AuditRecord]:
+    @overload
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: Literal[True] = ...
+    ) -> list[AuditRecord]: ...
+
+    @overload
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: Literal[False]
+    ) -> int: ...
+
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: bool = True
+    ) -> list[AuditRecord] | int:
         """Validate and write a batch of events in the session's transaction, in order.
 
         Each event is a mapping of :meth:`record`'s arguments (see
@@ -572,27 +592,29 @@ class AuditRepository:
         repeated id with different content, stored or earlier in the batch,
         refuses the whole batch with :class:`EventIdConflictError`.
 
-        :returns: one record per event, in the order given; ``seq`` follows that order.
+        :param returning: ``False`` skips reading the new rows back (their
+            ``seq`` and recorded times) and returns the number of rows added:
+            the faster choice for imports that do not need the records.
+        :returns: one record per event, in the order given (``seq`` follows
+            that order); or, with ``returning=False``, the number of rows added.
         :raises InvalidInputError: (or a subclass) before anything reaches the session.
         :raises EventIdConflictError: an event id is taken by a different event.
         :raises AuditStorageError: the database failed; the batch left nothing behind.
         """
         prepared = prepare_batch(events, max_payload_bytes=self.max_payload_bytes)
         if not prepared:
-            return []
+            return [] if returning else 0
         try:
             conn = await self.session.connection()
             if await bulk.is_autocommit(conn):
                 # No transaction block to hold a savepoint: each statement
                 # commits on its own (see the bulk module).
-                outcomes = await bulk.insert_many(conn, prepared)
-                return _all_recorded(outcomes)
+                return await _write_prepared(conn, prepared, returning)
             async with self.session.begin_nested():
                 # Asking the session for its connection inside the block is what
                 # emits the SAVEPOINT (the session creates it lazily).
                 conn = await self.session.connection()
-                outcomes = await bulk.insert_many(conn, prepared)
-                return _all_recorded(outcomes)
+                return await _write_prepared(conn, prepared, returning)
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, f"recording {len(prepared)} events") from exc
 

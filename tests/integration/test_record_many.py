@@ -287,9 +287,9 @@ async def test_large_batches_go_through_copy(
     real_copy = bulk._copy
     copied: list[int] = []
 
-    async def spy(conn: Any, target: Any, events: Any) -> Any:
+    async def spy(conn: Any, target: Any, events: Any, **options: Any) -> Any:
         copied.append(len(events))
-        return await real_copy(conn, target, events)
+        return await real_copy(conn, target, events, **options)
 
     monkeypatch.setattr(bulk, "_copy", spy)
     ticker = new_ticker()
@@ -298,3 +298,30 @@ async def test_large_batches_go_through_copy(
     records = await repo.record_many([fill(ticker, n) for n in range(5)])
     assert copied == [5]
     assert [r.seq for r in records] == sorted(r.seq for r in records)
+
+
+async def test_without_returning_counts_rows_added(
+    repo: AuditRepository, session: AsyncSession, path: str
+) -> None:
+    ticker = new_ticker()
+    specs = [fill(ticker, n, event_id=uuid.uuid4()) for n in range(6)]
+
+    assert await repo.record_many(specs, returning=False) == 6
+    assert await repo.record_many(specs, returning=False) == 0
+    fresh = fill(ticker, 50, event_id=uuid.uuid4())
+    assert await repo.record_many([*specs[:3], fresh, dict(fresh)], returning=False) == 1  # type: ignore[list-item]
+    assert await count_ticker(session, ticker) == 7
+    assert await repo.record_many([], returning=False) == 0
+
+
+async def test_without_returning_a_conflict_leaves_nothing(
+    repo: AuditRepository, session: AsyncSession, path: str
+) -> None:
+    ticker = new_ticker()
+    taken = uuid.uuid4()
+    await repo.record_many([fill(ticker, 1, event_id=taken)], returning=False)
+    with pytest.raises(EventIdConflictError):
+        await repo.record_many(
+            [fill(ticker, 2), fill(ticker, 3), fill(ticker, 9, event_id=taken)], returning=False
+        )
+    assert await count_ticker(session, ticker) == 1
