@@ -16,6 +16,13 @@ check and the ``COPY``, the ``COPY`` fails inside its own savepoint and the
 batch falls back to the array statement.
 
 Rows are inserted in the order given, so ``seq`` follows the batch order.
+
+Statements go straight to the asyncpg connection under the SQLAlchemy one when
+that is safe, that is when its transaction has begun (or it is in autocommit
+mode): the result layer of SQLAlchemy costs more than a small INSERT itself.
+Before the first statement of a transaction they go through SQLAlchemy, which
+begins the transaction. Event hooks on the engine (SQL logging, tracing) see
+only the statements that pass through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -154,12 +161,53 @@ def _same_prepared(first: PreparedEvent, other: PreparedEvent) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """How this call's statements reach the database."""
+
+    conn: AsyncConnection
+    #: The asyncpg connection, when statements may bypass SQLAlchemy.
+    driver: Any | None
+    #: The asyncpg connection, when it can COPY (asyncpg can).
+    copier: Any | None
+    autocommit: bool
+
+    async def fetch(self, sql: str, *params: Any) -> Sequence[Sequence[Any]]:
+        if self.driver is not None:
+            rows: Sequence[Sequence[Any]] = await self.driver.fetch(sql, *params)
+            return rows
+        result = await self.conn.exec_driver_sql(sql, params)
+        return result.all()
+
+
+async def _link(conn: AsyncConnection) -> _Link:
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    autocommit = bool(getattr(raw.dbapi_connection, "autocommit", False))
+    direct = callable(getattr(driver, "fetch", None)) and (
+        autocommit or bool(getattr(driver, "is_in_transaction", lambda: False)())
+    )
+    copier = driver if callable(getattr(driver, "copy_records_to_table", None)) else None
+    return _Link(conn, driver if direct else None, copier, autocommit)
+
+
+async def is_autocommit(conn: AsyncConnection) -> bool:
+    """Whether ``conn`` runs each statement as its own transaction (``AUTOCOMMIT``)."""
+    return (await _link(conn)).autocommit
+
+
 async def insert_one(conn: AsyncConnection, event: PreparedEvent) -> AuditRecord | None:
     """Insert one event; ``None`` if its id is already stored (nothing written)."""
-    result = await conn.exec_driver_sql(INSERT_ONE_SQL, insert_params(event))
-    row: Sequence[Any] | None = result.first()
-    if row is None:
+    link = await _link(conn)
+    try:
+        rows = await link.fetch(INSERT_ONE_SQL, *insert_params(event))
+    except Exception as exc:
+        if _from_database(exc):
+            raise translate_db_error(exc, f"recording {event.event_type.value}") from exc
+        raise
+    if not rows:
         return None
+    row = rows[0]
     return written_record(event, row[0], row[1], row[2])
 
 
@@ -167,10 +215,9 @@ async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID,
     """The stored records among ``ids``."""
     if not ids:
         return {}
-    result = await conn.exec_driver_sql(SELECT_STORED_SQL, (list(ids),))
-    rows: Sequence[Sequence[Any]] = result.all()
+    link = await _link(conn)
     stored: dict[UUID, AuditRecord] = {}
-    for row in rows:
+    for row in await link.fetch(SELECT_STORED_SQL, list(ids)):
         stored[row[0]] = AuditRecord(
             id=row[0],
             seq=row[1],
@@ -250,15 +297,15 @@ async def _write_batch(
 
     stored: dict[UUID, AuditRecord] = {}
     try:
-        copy = await _copy_target(conn) if len(unique) >= threshold else None
-        if copy is None:
-            written = await _insert_arrays(conn, unique, read_back=read_back)
+        link = await _link(conn)
+        if len(unique) < threshold or link.copier is None:
+            written = await _insert_arrays(link, unique, read_back=read_back)
         else:
             # Only ids a caller chose can be stored already; a fresh UUIDv7
             # cannot, and should one collide, the COPY fails and falls back.
             stored = await fetch_stored(conn, [e.id for e in unique if e.id_supplied])
             fresh = [event for event in unique if event.id not in stored]
-            written = await _copy(conn, copy, fresh, read_back=read_back)
+            written = await _copy(link, fresh, read_back=read_back)
         skipped = [e.id for e in unique if e.id not in written and e.id not in stored]
         stored.update(await fetch_stored(conn, skipped))
     except Exception as exc:
@@ -285,7 +332,7 @@ async def _write_batch(
 
 
 async def _insert_arrays(
-    conn: AsyncConnection, events: Sequence[PreparedEvent], *, read_back: bool
+    link: _Link, events: Sequence[PreparedEvent], *, read_back: bool
 ) -> dict[UUID, AuditRecord | None]:
     if not events:
         return {}
@@ -293,8 +340,7 @@ async def _insert_arrays(
     for event in events:
         for column, value in zip(columns, insert_params(event), strict=True):
             column.append(value)
-    result = await conn.exec_driver_sql(INSERT_ARRAYS_SQL, tuple(columns))
-    rows: Sequence[Sequence[Any]] = result.all()
+    rows = await link.fetch(INSERT_ARRAYS_SQL, *columns)
     if not read_back:
         return {row[0]: None for row in rows}
     by_id = {event.id: event for event in events}
@@ -312,37 +358,19 @@ def _from_database(exc: BaseException) -> bool:
     ).__module__.startswith("asyncpg")
 
 
-@dataclass(frozen=True, slots=True)
-class _CopyTarget:
-    driver: Any
-    autocommit: bool
-
-
-async def is_autocommit(conn: AsyncConnection) -> bool:
-    """Whether ``conn`` runs each statement as its own transaction (``AUTOCOMMIT``)."""
-    raw = await conn.get_raw_connection()
-    return bool(getattr(raw.dbapi_connection, "autocommit", False))
-
-
-async def _copy_target(conn: AsyncConnection) -> _CopyTarget | None:
-    """The driver connection under ``conn`` if it can COPY (asyncpg does), else ``None``."""
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    if not callable(getattr(driver, "copy_records_to_table", None)):
-        return None
-    return _CopyTarget(driver, bool(getattr(raw.dbapi_connection, "autocommit", False)))
-
-
 async def _copy(
-    conn: AsyncConnection, target: _CopyTarget, events: Sequence[PreparedEvent], *, read_back: bool
+    link: _Link, events: Sequence[PreparedEvent], *, read_back: bool
 ) -> dict[UUID, AuditRecord | None]:
     if not events:
         return {}
+    copier = link.copier
+    if copier is None:  # pragma: no cover - callers check for COPY first
+        return await _insert_arrays(link, events, read_back=read_back)
     values = [insert_params(event) for event in events]
     try:
-        if target.autocommit:
+        if link.autocommit:
             # Outside a transaction block the COPY is a transaction of its own.
-            await target.driver.copy_records_to_table(
+            await copier.copy_records_to_table(
                 "audit_events", records=values, columns=INSERT_COLUMNS
             )
         else:
@@ -350,19 +378,20 @@ async def _copy(
             # another transaction) so the caller's transaction survives the
             # fallback; issuing it also makes the driver begin the transaction
             # before the COPY runs, should nothing have been sent yet.
-            async with conn.begin_nested():
-                await target.driver.copy_records_to_table(
+            async with link.conn.begin_nested():
+                await copier.copy_records_to_table(
                     "audit_events", records=values, columns=INSERT_COLUMNS
                 )
     except Exception as exc:
         if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
             raise
-        return await _insert_arrays(conn, events, read_back=read_back)
+        return await _insert_arrays(await _link(link.conn), events, read_back=read_back)
     if not read_back:
         return dict.fromkeys((event.id for event in events), None)
-    # Straight from the driver: for a hundred thousand rows the result layer
-    # above it would cost more than the lookup itself.
-    rows = await target.driver.fetch(SELECT_KEYS_SQL, [event.id for event in events])
+    # The transaction has begun by now, so the driver takes this directly:
+    # for a hundred thousand rows SQLAlchemy's result layer would cost more
+    # than the lookup itself.
+    rows = await copier.fetch(SELECT_KEYS_SQL, [event.id for event in events])
     keys = {row[0]: (row[1], row[2], row[3]) for row in rows}
     return {
         event.id: written_record(event, *keys[event.id]) for event in events if event.id in keys

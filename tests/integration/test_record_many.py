@@ -287,9 +287,9 @@ async def test_large_batches_go_through_copy(
     real_copy = bulk._copy
     copied: list[int] = []
 
-    async def spy(conn: Any, target: Any, events: Any, **options: Any) -> Any:
+    async def spy(link: Any, events: Any, **options: Any) -> Any:
         copied.append(len(events))
-        return await real_copy(conn, target, events, **options)
+        return await real_copy(link, events, **options)
 
     monkeypatch.setattr(bulk, "_copy", spy)
     ticker = new_ticker()
@@ -325,3 +325,21 @@ async def test_without_returning_a_conflict_leaves_nothing(
             [fill(ticker, 2), fill(ticker, 3), fill(ticker, 9, event_id=taken)], returning=False
         )
     assert await count_ticker(session, ticker) == 1
+
+
+async def test_records_roll_back_with_the_session(engine: AsyncEngine) -> None:
+    """The first statement of a transaction and the later ones (sent straight to the
+    driver) all belong to the session's transaction."""
+    ticker = new_ticker()
+    async with AsyncSession(engine) as session:
+        repo = AuditRepository(session)
+        await repo.order_rejected(uuid.uuid4(), ticker, "first statement")
+        await repo.order_rejected(uuid.uuid4(), ticker, "second statement")
+        await repo.record_many([fill(ticker, 1)])
+        assert await count_ticker(session, ticker) == 3
+        await session.rollback()
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            text("SELECT count(*) FROM audit_events WHERE ticker = :t"), {"t": ticker}
+        )
+        assert found.scalar_one() == 0
