@@ -191,6 +191,34 @@ async def _link(conn: AsyncConnection) -> _Link:
     return _Link(conn, driver if direct else None, copier, autocommit)
 
 
+def record_from_text_row(row: Sequence[Any]) -> AuditRecord:
+    """A record from a raw row in :data:`~audit_orm.repository.RECORD_COLUMNS`
+    order, its data as JSON text (as ``data::text`` selects it)."""
+    return AuditRecord(
+        id=row[0],
+        seq=row[1],
+        event_type=AuditEventType(row[2]),
+        entity_type=EntityType(row[3]),
+        entity_id=row[4],
+        actor=row[5],
+        data=loads_exact(row[6]),
+        occurred_at=row[7],
+        recorded_at=row[8],
+        recommendation_id=row[9],
+        order_id=row[10],
+        ticker=row[11],
+    )
+
+
+async def direct_driver(conn: AsyncConnection) -> Any | None:
+    """The asyncpg connection under ``conn`` if a statement may bypass SQLAlchemy now.
+
+    That is once its transaction has begun, or in autocommit mode; ``None``
+    otherwise (or for another driver).
+    """
+    return (await _link(conn)).driver
+
+
 async def is_autocommit(conn: AsyncConnection) -> bool:
     """Whether ``conn`` runs each statement as its own transaction (``AUTOCOMMIT``)."""
     return (await _link(conn)).autocommit
@@ -202,7 +230,7 @@ async def insert_one(conn: AsyncConnection, event: PreparedEvent) -> AuditRecord
     try:
         rows = await link.fetch(INSERT_ONE_SQL, *insert_params(event))
     except Exception as exc:
-        if _from_database(exc):
+        if from_database(exc):
             raise translate_db_error(exc, f"recording {event.event_type.value}") from exc
         raise
     if not rows:
@@ -218,20 +246,7 @@ async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID,
     link = await _link(conn)
     stored: dict[UUID, AuditRecord] = {}
     for row in await link.fetch(SELECT_STORED_SQL, list(ids)):
-        stored[row[0]] = AuditRecord(
-            id=row[0],
-            seq=row[1],
-            event_type=AuditEventType(row[2]),
-            entity_type=EntityType(row[3]),
-            entity_id=row[4],
-            actor=row[5],
-            data=loads_exact(row[6]),
-            occurred_at=row[7],
-            recorded_at=row[8],
-            recommendation_id=row[9],
-            order_id=row[10],
-            ticker=row[11],
-        )
+        stored[row[0]] = record_from_text_row(row)
     return stored
 
 
@@ -309,7 +324,7 @@ async def _write_batch(
         skipped = [e.id for e in unique if e.id not in written and e.id not in stored]
         stored.update(await fetch_stored(conn, skipped))
     except Exception as exc:
-        if _from_database(exc):
+        if from_database(exc):
             raise translate_db_error(exc, f"recording {len(unique)} events") from exc
         raise
 
@@ -351,7 +366,7 @@ async def _insert_arrays(
 _UNIQUE_VIOLATION = "23505"
 
 
-def _from_database(exc: BaseException) -> bool:
+def from_database(exc: BaseException) -> bool:
     """Whether ``exc`` comes from the database or the driver (raw COPY errors included)."""
     return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) or type(
         exc

@@ -16,6 +16,7 @@ from typing import Any, Literal, Required, TypedDict, Unpack, overload
 from uuid import UUID
 
 from sqlalchemy import ColumnElement, Select, Uuid, and_, any_, bindparam, func, select, union
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -459,6 +460,26 @@ def _order_trail_select() -> Select[Any]:
 #: The statement behind :meth:`AuditRepository.order_trail`; parameters
 #: ``order_id`` and ``recommendation_id`` (``None`` to look it up).
 ORDER_TRAIL = _order_trail_select()
+
+
+class _DriverStatement:
+    """A constant statement compiled once (for the engine's dialect), for the driver shortcut."""
+
+    def __init__(self, statement: Select[Any]) -> None:
+        self._statement = statement
+        self._compiled: tuple[Dialect, str, tuple[str, ...], dict[str, Any]] | None = None
+
+    def render(self, dialect: Dialect, values: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        """SQL text and positional arguments (literals keep their compiled value)."""
+        if self._compiled is None or self._compiled[0] is not dialect:
+            compiled = self._statement.compile(dialect=dialect)
+            names = tuple(compiled.positiontup or ())
+            self._compiled = (dialect, str(compiled), names, dict(compiled.params))
+        _, sql, names, defaults = self._compiled
+        return sql, [values[n] if n in values else defaults[n] for n in names]
+
+
+_ORDER_TRAIL_DRIVER = _DriverStatement(ORDER_TRAIL)
 
 
 def order_trail_statement(
@@ -960,13 +981,24 @@ class AuditRepository:
         """
         params = _order_trail_params(order_id, recommendation_id)
         try:
+            conn = await self.session.connection()
+            driver = await bulk.direct_driver(conn)
+            if driver is not None:
+                # The transaction has begun (or there is none): straight to the
+                # driver, as the bulk module does, a trail being a hot path.
+                sql, args = _ORDER_TRAIL_DRIVER.render(conn.dialect, params)
+                rows = await driver.fetch(sql, *args)
+                return [bulk.record_from_text_row(row) for row in rows]
             # On the session's connection: the statement is plain Core, and the
             # ORM layer of session.execute() would only add per-call overhead.
-            conn = await self.session.connection()
             result = await conn.execute(ORDER_TRAIL, params)
             return [record_from_row(row) for row in result.all()]
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "order trail") from exc
+        except Exception as exc:
+            if bulk.from_database(exc):
+                raise translate_db_error(exc, "order trail") from exc
+            raise
 
     async def entity_trail(
         self, entity_type: EntityType | str, entity_id: UUID | str

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
 from audit_orm import AuditRepository
 
 
@@ -57,3 +59,21 @@ async def test_trail_of_an_order_without_recommendation(repo: AuditRepository) -
 
 async def test_trail_of_an_unknown_order_is_empty(repo: AuditRepository) -> None:
     assert await repo.order_trail(uuid.uuid4()) == []
+
+
+async def test_first_and_later_trails_of_a_session_agree(engine: AsyncEngine) -> None:
+    """The first statement of a transaction goes through SQLAlchemy, later ones to the driver."""
+    ticker = "T" + uuid.uuid4().hex[:8]
+    async with AsyncSession(engine) as session:
+        _rec, order = await make_chain(AuditRepository(session), ticker)
+        await session.commit()
+    async with AsyncSession(engine) as session:
+        repo = AuditRepository(session)
+        first = await repo.order_trail(order)
+        later = await repo.order_trail(order)
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    async with AsyncSession(autocommit) as session:
+        without_transaction = await AuditRepository(session).order_trail(order)
+    assert [r.event_type.value for r in first] == CHAIN
+    assert later == first
+    assert without_transaction == first
