@@ -8,12 +8,14 @@ join whatever transaction that connection is in.
 Idempotency by event id holds on every path. Small batches go out as one
 ``INSERT .. SELECT FROM unnest(arrays) .. ON CONFLICT (id) DO NOTHING
 RETURNING``: one round trip, ids that already exist are skipped and then
-compared with what is stored. Large batches are checked against the table
-first and the new rows are sent with ``COPY`` straight into ``audit_events``,
-the fastest way PostgreSQL accepts rows; row triggers fire for ``COPY`` as for
-``INSERT``. Should a concurrent transaction store one of those ids between the
-check and the ``COPY``, the ``COPY`` fails inside its own savepoint and the
-batch falls back to the array statement.
+compared with what is stored. In large batches the ids a caller chose are
+looked up first (a fresh UUIDv7 cannot be stored already), and the new rows
+are sent with ``COPY`` straight into ``audit_events``, the fastest way
+PostgreSQL accepts rows; row triggers fire for ``COPY`` as for ``INSERT``.
+Should an id turn out to be stored after all (another transaction stored it
+meanwhile), the ``COPY`` fails inside its own savepoint and the batch falls
+back to the array statement. ``seq`` and the recorded times of copied rows
+are read back by id afterwards, unless the caller does not want them.
 
 Rows are inserted in the order given, so ``seq`` follows the batch order.
 
@@ -44,8 +46,9 @@ from audit_orm.records import AuditRecord
 if TYPE_CHECKING:
     from audit_orm.repository import PreparedEvent
 
-#: Batches of at least this many new events are sent with COPY. Below it the
-#: array INSERT wins: COPY costs two extra round trips (savepoint, id lookup).
+#: Batches of at least this many events are sent with COPY. Below it the array
+#: INSERT is as fast and takes one round trip where COPY takes four (savepoint,
+#: COPY, release, read-back).
 COPY_THRESHOLD = 2_000
 
 #: The columns a client writes, in the order of every statement below.
