@@ -75,6 +75,27 @@ class AuditUnavailableError(AuditStorageError):
     """The database could not be reached (connection refused, lost or timed out)."""
 
 
+class AppendOnlyError(AuditStorageError):
+    """The database refused to UPDATE, DELETE or TRUNCATE the audit trail.
+
+    The audit tables are append-only for every role; record a correction instead
+    (:meth:`~audit_orm.AuditRepository.correct`).
+    """
+
+
+class SealingError(AuditError):
+    """Sealing cannot go on safely; the message says what to fix.
+
+    Raised, for instance, when the ``seq`` sequence caches values (its numbers
+    would no longer be handed out in order) or when a row in a range about to be
+    sealed carries a number that was not drawn from the sequence.
+    """
+
+
+#: The SQLSTATE the append-only triggers raise.
+APPEND_ONLY_SQLSTATE = "AU001"
+
+
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 
@@ -83,6 +104,8 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     message = f"{action} failed: {detail[0] if detail else type(exc).__name__}"
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) == APPEND_ONLY_SQLSTATE:
+        return AppendOnlyError(message)
     if isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError)) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):
