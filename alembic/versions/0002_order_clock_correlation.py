@@ -99,7 +99,7 @@ def upgrade() -> None:
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), "
         "(SELECT coalesce(max(seq), 0) + 1 FROM audit_events), false)"
     )
-    op.create_unique_constraint("uq_audit_events_seq", "audit_events", ["seq"])
+    op.create_unique_constraint(op.f("uq_audit_events_seq"), "audit_events", ["seq"])
     op.alter_column(
         "audit_events",
         "recorded_at",
@@ -127,9 +127,17 @@ def upgrade() -> None:
         existing_type=sa.Text(),
         existing_nullable=False,
     )
-    op.create_check_constraint("event_type", "audit_events", _in_list("event_type", EVENT_TYPES))
-    op.create_check_constraint("entity_type", "audit_events", _in_list("entity_type", ENTITY_TYPES))
-    op.create_check_constraint("actor_not_empty", "audit_events", "length(actor) > 0")
+    # Final names (op.f): the naming convention must not be applied a second time,
+    # and a host application's metadata may have no convention at all.
+    op.create_check_constraint(
+        op.f("ck_audit_events_event_type"), "audit_events", _in_list("event_type", EVENT_TYPES)
+    )
+    op.create_check_constraint(
+        op.f("ck_audit_events_entity_type"), "audit_events", _in_list("entity_type", ENTITY_TYPES)
+    )
+    op.create_check_constraint(
+        op.f("ck_audit_events_actor_not_empty"), "audit_events", "length(actor) > 0"
+    )
 
     op.create_index(
         "ix_audit_events_order_id_seq",
@@ -188,8 +196,8 @@ def downgrade() -> None:
     ):
         op.drop_index(name, table_name="audit_events")
     for name in ("actor_not_empty", "entity_type", "event_type"):
-        op.drop_constraint(f"ck_audit_events_{name}", "audit_events", type_="check")
-    op.drop_constraint("uq_audit_events_seq", "audit_events", type_="unique")
+        op.drop_constraint(op.f(f"ck_audit_events_{name}"), "audit_events", type_="check")
+    op.drop_constraint(op.f("uq_audit_events_seq"), "audit_events", type_="unique")
     op.alter_column("audit_events", "actor", type_=sa.Text(), existing_nullable=False)
     op.alter_column("audit_events", "entity_type", type_=sa.Text(), existing_nullable=False)
     op.alter_column("audit_events", "event_type", type_=sa.Text(), existing_nullable=False)
