@@ -17,6 +17,7 @@ Create Date: 2026-11-29
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from alembic import op
 
@@ -106,26 +107,33 @@ def upgrade() -> None:
         nullable=False,
         server_default=sa.text("clock_timestamp()"),
     )
+    # NOT NULL and the defaults are restated, not assumed: a table created by hand
+    # before this package may lack them, and after adoption it must be the table
+    # a fresh database gets. On a table made by 0001 these change nothing.
     op.alter_column(
-        "audit_events",
-        "event_type",
-        type_=sa.String(64),
-        existing_type=sa.Text(),
-        existing_nullable=False,
+        "audit_events", "event_type", type_=sa.String(64), existing_type=sa.Text(), nullable=False
     )
     op.alter_column(
-        "audit_events",
-        "entity_type",
-        type_=sa.String(32),
-        existing_type=sa.Text(),
-        existing_nullable=False,
+        "audit_events", "entity_type", type_=sa.String(32), existing_type=sa.Text(), nullable=False
     )
     op.alter_column(
         "audit_events",
         "actor",
         type_=sa.String(128),
         existing_type=sa.Text(),
-        existing_nullable=False,
+        nullable=False,
+        server_default=sa.text("'system'"),
+    )
+    op.alter_column("audit_events", "entity_id", existing_type=sa.Uuid(), nullable=False)
+    op.alter_column(
+        "audit_events",
+        "data",
+        existing_type=postgresql.JSONB(astext_type=sa.Text()),
+        nullable=False,
+        server_default=sa.text("'{}'::jsonb"),
+    )
+    op.alter_column(
+        "audit_events", "occurred_at", existing_type=sa.DateTime(timezone=True), nullable=False
     )
     # Final names (op.f): the naming convention must not be applied a second time,
     # and a host application's metadata may have no convention at all.
