@@ -166,15 +166,14 @@ async def _write_legacy(pool: asyncpg.Pool) -> LegacyData:
     )
 
     data.legacy_trail = await legacy.get_order_audit_trail(pool, order, rec)
-    for row in await pool.fetch("SELECT id FROM audit_events"):
-        entity = await pool.fetchrow(
-            "SELECT entity_type, entity_id FROM audit_events WHERE id = $1", row["id"]
-        )
-        assert entity is not None
+    # Every row as the original module reads it back, through its own query.
+    entities = await pool.fetch("SELECT DISTINCT entity_type, entity_id FROM audit_events")
+    for entity in entities:
         for item in await legacy.get_entity_audit_trail(
             pool, entity["entity_type"], str(entity["entity_id"])
         ):
             data.rows[item["id"]] = item
+    assert len(data.rows) == await pool.fetchval("SELECT count(*) FROM audit_events")
     return data
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from audit_orm import AuditRepository, migrate
 from audit_orm.database import DATABASE_URL_ENV
 from audit_orm.models import Base
-from tests.dbutil import scratch_database
+from tests.dbutil import scratch_database, with_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def _diff(connection: Connection) -> list[Any]:
     return list(compare_metadata(context, Base.metadata))
 
 
-async def test_single_head_with_branch_label() -> None:
+def test_single_head_with_branch_label() -> None:
     script = _script()
     assert len(script.get_heads()) == 1
     base = script.get_revision("0001_seed_table")
@@ -198,7 +198,7 @@ async def test_alembic_command_line_uses_the_environment_url(admin_url: str) -> 
         assert (await _state(engine))["tables"] == set()
 
 
-async def test_alembic_command_line_without_url_says_what_to_set() -> None:
+def test_alembic_command_line_without_url_says_what_to_set() -> None:
     done = _alembic("upgrade", "head", url=None)
     assert done.returncode != 0
     output = done.stdout + done.stderr
@@ -206,7 +206,7 @@ async def test_alembic_command_line_without_url_says_what_to_set() -> None:
     assert "Traceback" not in output
 
 
-async def test_alembic_command_line_with_unreachable_server(tmp_path: Path) -> None:
+def test_alembic_command_line_with_unreachable_server(tmp_path: Path) -> None:
     # A socket directory with no server in it: the connection is refused at once.
     url = f"postgresql://postgres@/postgres?host={tmp_path}&port=5432"
     done = _alembic("upgrade", "head", url=url)
@@ -219,8 +219,6 @@ async def test_alembic_command_line_with_unreachable_server(tmp_path: Path) -> N
 
 async def test_alembic_command_line_with_missing_database(admin_url: str) -> None:
     """The server answers but refuses the connection: still one clear line."""
-    from tests.dbutil import with_database
-
     url = with_database(admin_url, f"no_such_db_{uuid.uuid4().hex[:8]}")
     done = _alembic("upgrade", "head", url=url)
     assert done.returncode != 0
