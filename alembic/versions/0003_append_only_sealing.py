@@ -16,7 +16,7 @@
 * ``audit_seals``: the hash chain of sealed blocks.
 
 Existing rows are backfilled: their hash is computed now and their ``txid`` is
-this migration's transaction.
+this migration's transaction. The backfill rewrites the table once.
 
 Revision ID: 0003_append_only_sealing
 Revises: 0002_order_clock_correlation
@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0003_append_only_sealing"
 down_revision: str | Sequence[str] | None = "0002_order_clock_correlation"
@@ -155,9 +154,14 @@ def upgrade() -> None:
     op.add_column("audit_events", sa.Column("corrects_id", sa.Uuid(), nullable=True))
 
     op.execute(ROW_HASH_FUNCTION)
+    # Backfill by rewriting the table (ALTER ... TYPE ... USING) rather than with
+    # an UPDATE: adopted rows may break the NOT VALID actor check, which an
+    # UPDATE would enforce on every row it touches, and a rewrite leaves no
+    # dead row versions behind.
     op.execute(
-        "UPDATE audit_events SET txid = pg_current_xact_id(), "
-        f"row_hash = audit_event_row_hash({HASH_CALL_COLUMNS})"
+        "ALTER TABLE audit_events "
+        "ALTER COLUMN txid TYPE xid8 USING pg_current_xact_id(), "
+        f"ALTER COLUMN row_hash TYPE bytea USING audit_event_row_hash({HASH_CALL_COLUMNS})"
     )
     op.alter_column(
         "audit_events",
