@@ -6,6 +6,7 @@ market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
 
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    AppendOnlyError,
     AuditError,
     AuditStorageError,
     AuditUnavailableError,
@@ -13,18 +14,34 @@ from audit_orm.errors import (
     InvalidIdError,
     InvalidInputError,
     InvalidPayloadError,
+    SealingError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
-from audit_orm.models import AuditEvent, Base
+from audit_orm.grants import grant
+from audit_orm.models import AuditEvent, AuditSeal, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
 from audit_orm.repository import AuditRepository
+from audit_orm.sealing import (
+    Digest,
+    Problem,
+    ProblemKind,
+    Progress,
+    SealInfo,
+    SealResult,
+    SealStatus,
+    VerifyReport,
+    digest,
+    seal,
+    verify,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PAYLOAD_MODELS",
+    "AppendOnlyError",
     "AuditError",
     "AuditEvent",
     "AuditEventType",
@@ -32,16 +49,30 @@ __all__ = [
     "AuditPayload",
     "AuditRecord",
     "AuditRepository",
+    "AuditSeal",
     "AuditStorageError",
     "AuditUnavailableError",
     "Base",
+    "Digest",
     "EntityType",
     "EventIdConflictError",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "Problem",
+    "ProblemKind",
+    "Progress",
+    "SealInfo",
+    "SealResult",
+    "SealStatus",
+    "SealingError",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
+    "VerifyReport",
     "__version__",
+    "digest",
+    "grant",
+    "seal",
     "validate_payload",
+    "verify",
 ]

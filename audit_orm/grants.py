@@ -43,6 +43,8 @@ def grant_statements(
     sequence: str = "audit_events_seq_seq",
 ) -> list[str]:
     """The SQL that gives each role exactly its privileges (and revokes any others)."""
+    if writer is None and reader is None and sealer is None:
+        raise InvalidInputError("roles", None, "name at least one of writer, reader and sealer")
     statements: list[str] = []
     if writer is not None:
         role = quote_role(writer, "writer")
@@ -81,11 +83,7 @@ async def grant(
     :raises AuditStorageError: the database refused (not run as the tables' owner?).
     """
     roles = {"writer": writer, "reader": reader, "sealer": sealer}
-    if all(role is None for role in roles.values()):
-        raise InvalidInputError("roles", roles, "name at least one of writer, reader, sealer")
-    for field, role in roles.items():
-        if role is not None:
-            quote_role(role, field)
+    grant_statements(writer=writer, reader=reader, sealer=sealer)
     try:
         async with engine.begin() as conn:
             for field, role in roles.items():
