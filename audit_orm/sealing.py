@@ -215,7 +215,8 @@ class ProblemKind(StrEnum):
     INSERTED_ROW = "inserted_row"
     #: A row was recorded before a seal that precedes it in ``seq`` order was cut.
     BACKDATED_ROW = "backdated_row"
-    #: A block's rows no longer give its Merkle root (changed together with their hashes).
+    #: A block's rows no longer give its Merkle root (a row changed together with its
+    #: stored hash, or the root rewritten).
     BLOCK_MISMATCH = "block_mismatch"
     #: A seal's stored hash does not match its content.
     REWRITTEN_SEAL = "rewritten_seal"
@@ -877,7 +878,8 @@ async def _walk_rows(
                     ProblemKind.BLOCK_MISMATCH,
                     f"the rows of seal {current.info.seal_no} (seq "
                     f"{current.info.first_seq}..{current.info.last_seq}) no longer give "
-                    f"its Merkle root: a row there was changed together with its stored hash",
+                    f"its Merkle root: a row there was changed together with its stored hash, "
+                    f"or the seal's root was rewritten",
                     seal_no=current.info.seal_no,
                 ),
             )
