@@ -104,7 +104,8 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     message = f"{action} failed: {detail[0] if detail else type(exc).__name__}"
-    if getattr(getattr(exc, "orig", None), "sqlstate", None) == APPEND_ONLY_SQLSTATE:
+    sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
+    if sqlstate == APPEND_ONLY_SQLSTATE:
         return AppendOnlyError(message)
     if isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError)) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated

@@ -61,9 +61,10 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm.errors import InvalidInputError, SealingError
+from audit_orm.errors import InvalidInputError, SealingError, translate_db_error
 from audit_orm.hashing import HASH_LENGTH, merkle_root, micros, row_hash, seal_hash
 
 #: The advisory lock that lets one sealer proceed at a time (per database).
@@ -278,22 +279,26 @@ class VerifyReport:
 
 
 @asynccontextmanager
-async def _driver(engine: AsyncEngine) -> AsyncIterator[Any]:
+async def _driver(engine: AsyncEngine, action: str) -> AsyncIterator[Any]:
     """The asyncpg connection under one of ``engine``'s pooled connections.
 
     Sealing and verification control their own transactions and stream many
-    rows, so they talk to the driver directly.
+    rows, so they talk to the driver directly. Database failures come out as
+    :class:`~audit_orm.AuditStorageError` naming ``action``.
     """
     if not isinstance(engine, AsyncEngine):
         raise InvalidInputError("engine", engine, "must be an AsyncEngine")
-    async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        if not isinstance(driver, asyncpg.Connection):
-            raise InvalidInputError(
-                "engine", engine, "must use the asyncpg driver (postgresql+asyncpg://...)"
-            )
-        yield driver
+    try:
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            if not isinstance(driver, asyncpg.Connection):
+                raise InvalidInputError(
+                    "engine", engine, "must use the asyncpg driver (postgresql+asyncpg://...)"
+                )
+            yield driver
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError, OSError) as exc:
+        raise translate_db_error(exc, action) from exc
 
 
 _SEAL_COLUMNS = (
@@ -379,7 +384,7 @@ async def seal(
     started = time.monotonic()
     # READ COMMITTED whatever the server default: every statement must see a
     # fresh snapshot, the closure proof depends on it.
-    async with _driver(engine) as conn, conn.transaction(isolation="read_committed"):
+    async with _driver(engine, "sealing") as conn, conn.transaction(isolation="read_committed"):
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SEAL_LOCK_KEY):
             return SealResult(SealStatus.BUSY, (), 0, await _head(conn), time.monotonic() - started)
         return await _seal_locked(conn, block_size, float(max_wait), progress, started)
@@ -559,7 +564,7 @@ async def digest(engine: AsyncEngine) -> Digest | None:
     signed e-mail, a WORM bucket); ``verify(digest=...)`` then proves that
     nothing sealed up to that seal has changed since.
     """
-    async with _driver(engine) as conn:
+    async with _driver(engine, "reading the digest") as conn:
         head = await _head(conn)
     return None if head is None else head.digest
 
@@ -789,7 +794,7 @@ async def verify(
     started = time.monotonic()
     found = _Problems(max_problems)
     async with (
-        _driver(engine) as conn,
+        _driver(engine, "verifying") as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
         records = await conn.fetch(f"SELECT {_SEAL_COLUMNS} FROM audit_seals ORDER BY seal_no")
