@@ -167,15 +167,19 @@ async def cmd_digest(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
 
 async def cmd_grant(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Give writer, reader and sealer roles exactly their privileges."""
-    if args.print_sql:
-        statements = grants.grant_statements(
-            writer=args.writer, reader=args.reader, sealer=args.sealer
-        )
-    else:
-        statements = await grants.grant(
-            engine, writer=args.writer, reader=args.reader, sealer=args.sealer
-        )
+    statements = await grants.grant(
+        engine, writer=args.writer, reader=args.reader, sealer=args.sealer
+    )
     for statement in statements:
+        print(f"{statement};", file=out)
+    return 0
+
+
+def print_grant_sql(args: argparse.Namespace, out: TextIO) -> int:
+    """``grant --print-sql``: the statements, without touching a database."""
+    for statement in grants.grant_statements(
+        writer=args.writer, reader=args.reader, sealer=args.sealer
+    ):
         print(f"{statement};", file=out)
     return 0
 
@@ -244,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
+    if getattr(args, "print_sql", False):
+        return print_grant_sql(args, out)
     engine = create_engine(args.database_url)
     try:
         handler: Command = args.handler
