@@ -102,19 +102,20 @@ END
 $do$
 """
 
-# 0002's body, restored on downgrade.
+# 0002's body, restored on downgrade (indented as 0002 wrote it, so the
+# function's source text is exactly the same again).
 BEFORE_INSERT_FUNCTION_0002 = """
-CREATE OR REPLACE FUNCTION audit_events_before_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.recorded_at := clock_timestamp();
-    IF NEW.occurred_at IS NULL THEN
-        NEW.occurred_at := NEW.recorded_at;
-    END IF;
-    RETURN NEW;
-END
-$$
-"""
+        CREATE OR REPLACE FUNCTION audit_events_before_insert() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.recorded_at := clock_timestamp();
+            IF NEW.occurred_at IS NULL THEN
+                NEW.occurred_at := NEW.recorded_at;
+            END IF;
+            RETURN NEW;
+        END
+        $$
+        """
 
 # Identity defaults are evaluated before row triggers run but after statement
 # triggers, so taking the transaction id here guarantees every row's txid was
