@@ -18,8 +18,8 @@ digest, 33 bytes, so a later encoding can coexist with this one)::
     entity_id                   16 bytes
     actor                       UTF-8, then 0x00
     data                        UTF-8 of PostgreSQL's jsonb text output, then 0x00
-    occurred_at                 8 bytes: microseconds since 1970-01-01 UTC
-    recorded_at                 8 bytes: microseconds since 1970-01-01 UTC
+    occurred_at                 8 bytes: microseconds since 2000-01-01 00:00 UTC
+    recorded_at                 8 bytes: microseconds since 2000-01-01 00:00 UTC
     recommendation_id           0x00 if NULL, else 0x01 + 16 bytes
     order_id                    0x00 if NULL, else 0x01 + 16 bytes
     ticker                      0x00 if NULL, else 0x01 + UTF-8 + 0x00
@@ -27,7 +27,9 @@ digest, 33 bytes, so a later encoding can coexist with this one)::
 
 Text is NUL-terminated rather than length-prefixed: PostgreSQL text (and JSONB)
 cannot hold NUL, and UTF-8 of any other character has no zero byte, so the
-encoding stays unambiguous and the SQL side stays cheap.
+encoding stays unambiguous and the SQL side stays cheap. Times count from
+PostgreSQL's own epoch, so a timestamp's binary form (``timestamptz_send``) is
+its encoding as it stands, with no arithmetic on either side.
 
 Merkle root, version 1: leaves are the rows' 33-byte hashes in ``seq`` order;
 a leaf node is ``SHA-256(0x00 || row_hash)``, an inner node
@@ -43,7 +45,7 @@ Seal encoding, version 1::
     each gap range: low, high (inclusive)             8 bytes each
     merkle_root                                       33 bytes
     prev_hash                                         0x00, or 0x01 + 33 bytes
-    horizon_txid, cut_at, sealed_at                   8 bytes each (times in µs)
+    horizon_txid, cut_at, sealed_at                   8 bytes each (times as for rows)
 """
 
 from __future__ import annotations
@@ -66,13 +68,52 @@ _LEAF = b"\x00"
 _NODE = b"\x01"
 _int8 = struct.Struct(">q").pack
 _int4 = struct.Struct(">i").pack
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The origin of encoded times: PostgreSQL's epoch.
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
 
 def micros(value: datetime) -> int:
-    """Microseconds since 1970-01-01 UTC of a timezone-aware datetime."""
-    return (value - _EPOCH) // _MICRO
+    """Microseconds from 2000-01-01 00:00 UTC (:data:`EPOCH`) to a timezone-aware datetime."""
+    return (value - EPOCH) // _MICRO
+
+
+def encode_row_raw(
+    id: bytes,
+    seq: int,
+    event_type: str,
+    entity_type: str,
+    entity_id: bytes,
+    actor: str,
+    data: str,
+    occurred: bytes,
+    recorded: bytes,
+    recommendation_id: bytes | None,
+    order_id: bytes | None,
+    ticker: str | None,
+    corrects_id: bytes | None,
+) -> bytes:
+    """The version 1 encoding of one row, times given as their 8 encoded bytes.
+
+    This is the single implementation of the layout; :func:`encode_row` and the
+    verifier both use it.
+    """
+    return b"%b%b%b%b\x00%b\x00%b%b\x00%b\x00%b%b%b%b%b%b" % (
+        _V1,
+        id,
+        _int8(seq),
+        event_type.encode(),
+        entity_type.encode(),
+        entity_id,
+        actor.encode(),
+        data.encode(),
+        occurred,
+        recorded,
+        _ABSENT if recommendation_id is None else _PRESENT + recommendation_id,
+        _ABSENT if order_id is None else _PRESENT + order_id,
+        _ABSENT if ticker is None else _PRESENT + ticker.encode() + _NUL,
+        _ABSENT if corrects_id is None else _PRESENT + corrects_id,
+    )
 
 
 def encode_row(
@@ -93,29 +134,22 @@ def encode_row(
     """The version 1 canonical encoding of one audit row (see the module notes).
 
     UUIDs are given as their 16 bytes, ``data`` as PostgreSQL's text of the
-    stored JSONB, and times as microseconds since the Unix epoch (:func:`micros`).
+    stored JSONB, and times as microseconds since :data:`EPOCH` (:func:`micros`).
     """
-    return b"".join(
-        (
-            _V1,
-            id,
-            _int8(seq),
-            event_type.encode(),
-            _NUL,
-            entity_type.encode(),
-            _NUL,
-            entity_id,
-            actor.encode(),
-            _NUL,
-            data.encode(),
-            _NUL,
-            _int8(occurred_us),
-            _int8(recorded_us),
-            _ABSENT if recommendation_id is None else _PRESENT + recommendation_id,
-            _ABSENT if order_id is None else _PRESENT + order_id,
-            _ABSENT if ticker is None else _PRESENT + ticker.encode() + _NUL,
-            _ABSENT if corrects_id is None else _PRESENT + corrects_id,
-        )
+    return encode_row_raw(
+        id,
+        seq,
+        event_type,
+        entity_type,
+        entity_id,
+        actor,
+        data,
+        _int8(occurred_us),
+        _int8(recorded_us),
+        recommendation_id,
+        order_id,
+        ticker,
+        corrects_id,
     )
 
 

@@ -50,6 +50,7 @@ checks both implementations agree on varied rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -57,6 +58,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from hashlib import sha256
 from typing import Any
 from uuid import UUID
 
@@ -65,7 +67,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm.errors import InvalidInputError, SealingError, translate_db_error
-from audit_orm.hashing import HASH_LENGTH, merkle_root, micros, row_hash, seal_hash
+from audit_orm.hashing import HASH_LENGTH, encode_row_raw, merkle_root, micros, seal_hash
 
 #: The advisory lock that lets one sealer proceed at a time (per database).
 SEAL_LOCK_KEY = 0x61756469745F7365  # "audit_se"
@@ -78,6 +80,7 @@ DEFAULT_MAX_PROBLEMS = 100
 
 _MAX_BLOCK_SIZE = 1_000_000
 _VERIFY_BATCH = 5_000
+_V1 = b"\x01"
 
 
 # ---------------------------------------------------------------- result types
@@ -706,6 +709,9 @@ def _check_digest(seals: Sequence[SealInfo], wanted: Digest, found: _Problems) -
     return False
 
 
+_NO_GAP = 2**63
+
+
 @dataclass
 class _Block:
     """Verification state of the seal whose range the row walk is in."""
@@ -720,6 +726,9 @@ class _Block:
     hole_from: int | None
     gap_index: int = 0
     expected: int = 0
+    #: Where the next gap starts (beyond any seq when there is none): the fast
+    #: path of the walk only looks at gaps when it reaches one.
+    next_gap_low: int = _NO_GAP
     leaves: list[bytes] = field(default_factory=list)
     row_problem: bool = False
 
@@ -731,6 +740,7 @@ class _Block:
         while self.gap_index < len(gaps) and gaps[self.gap_index][0] <= seq:
             seq = gaps[self.gap_index][1] + 1
             self.gap_index += 1
+        self.next_gap_low = gaps[self.gap_index][0] if self.gap_index < len(gaps) else _NO_GAP
         return seq
 
     def next_gap(self) -> int | None:
@@ -759,12 +769,13 @@ def _floors(seals: Sequence[SealInfo]) -> dict[int, int | None]:
     return floors
 
 
+# Only built-in output functions: uuid_send and timestamptz_send give the bytes
+# the encoding uses as they stand (see audit_orm.hashing).
 _VERIFY_QUERY = (
     "SELECT uuid_send(id), seq, event_type, entity_type, uuid_send(entity_id), actor, "
-    "data::text, (extract(epoch FROM occurred_at) * 1000000)::int8, "
-    "(extract(epoch FROM recorded_at) * 1000000)::int8, uuid_send(recommendation_id), "
-    "uuid_send(order_id), ticker, uuid_send(corrects_id), row_hash, txid "
-    "FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+    "data::text, timestamptz_send(occurred_at), timestamptz_send(recorded_at), "
+    "uuid_send(recommendation_id), uuid_send(order_id), ticker, uuid_send(corrects_id), "
+    "row_hash, txid FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
 )
 
 
@@ -906,101 +917,119 @@ async def _walk_rows(
         block = open_block(0)
     rows_checked = 0
     unsealed = 0
-    cursor = -(2**63)
-    while True:
-        batch = await conn.fetch(_VERIFY_QUERY, cursor, _VERIFY_BATCH)
-        if not batch:
-            break
-        rows_checked += len(batch)
-        for row in batch:
-            seq = row[1]
-            stored = row[13]
-            # Advance to the seal whose range holds this row.
-            while block is not None and seq > block.info.last_seq:
-                close_block(block)
-                seal_index += 1
-                block = open_block(seal_index) if seal_index < len(seals) else None
-            computed = row_hash(
-                row[0],
-                seq,
-                row[2],
-                row[3],
-                row[4],
-                row[5],
-                row[6],
-                row[7],
-                row[8],
-                row[9],
-                row[10],
-                row[11],
-                row[12],
-            )
-            if computed != stored:
-                seal_no = None if block is None else block.info.seal_no
-                row_problem(
-                    ProblemKind.CHANGED_ROW,
-                    row,
-                    "does not match its stored hash: it was changed",
-                    seal_no,
+    pending = asyncio.ensure_future(conn.fetch(_VERIFY_QUERY, -(2**63), _VERIFY_BATCH))
+    try:
+        while True:
+            batch = await pending
+            if not batch:
+                break
+            # Ask for the next batch before hashing this one: the server reads and
+            # sends it while Python works.
+            pending = asyncio.ensure_future(conn.fetch(_VERIFY_QUERY, batch[-1][1], _VERIFY_BATCH))
+            rows_checked += len(batch)
+            for row in batch:
+                seq = row[1]
+                stored = row[13]
+                # Advance to the seal whose range holds this row.
+                while block is not None and seq > block.info.last_seq:
+                    close_block(block)
+                    seal_index += 1
+                    block = open_block(seal_index) if seal_index < len(seals) else None
+                computed = (
+                    _V1
+                    + sha256(
+                        encode_row_raw(
+                            row[0],
+                            seq,
+                            row[2],
+                            row[3],
+                            row[4],
+                            row[5],
+                            row[6],
+                            row[7],
+                            row[8],
+                            row[9],
+                            row[10],
+                            row[11],
+                            row[12],
+                        )
+                    ).digest()
                 )
-                if block is not None:
-                    block.row_problem = True
-            if block is None:
-                unsealed += 1
-                if last_cut is not None and row[8] < last_cut:
+                if computed != stored:
                     row_problem(
-                        ProblemKind.BACKDATED_ROW,
+                        ProblemKind.CHANGED_ROW,
                         row,
-                        "comes after the last seal but claims to be recorded before it was cut",
-                        None,
+                        "does not match its stored hash: it was changed",
+                        None if block is None else block.info.seal_no,
                     )
-                continue
-            info = block.info
-            if seq < info.first_seq:
-                # Rows between two seals that do not link up belong to a removed
-                # seal, already reported; only rows before seal 1 are out of place.
-                if block.hole_from is not None and seq < block.hole_from:
+                    if block is not None:
+                        block.row_problem = True
+                recorded_us = int.from_bytes(row[8], "big", signed=True)
+                if block is None:
+                    unsealed += 1
+                    if last_cut is not None and recorded_us < last_cut:
+                        row_problem(
+                            ProblemKind.BACKDATED_ROW,
+                            row,
+                            "comes after the last seal but claims to be recorded before it was cut",
+                            None,
+                        )
+                    continue
+                if seq == block.expected:
+                    # The common case: the next row the seal holds.
+                    following = seq + 1
+                    block.expected = (
+                        following if following < block.next_gap_low else block.skip_gaps(following)
+                    )
+                elif seq < block.info.first_seq:
+                    # Rows between two seals that do not link up belong to a removed
+                    # seal, already reported; only rows before seal 1 are out of place.
+                    if block.hole_from is not None and seq < block.hole_from:
+                        row_problem(
+                            ProblemKind.INSERTED_ROW,
+                            row,
+                            f"lies before the first sealed range (seal {block.info.seal_no} "
+                            f"starts at seq {block.info.first_seq}): inserted afterwards",
+                            block.info.seal_no,
+                        )
+                    continue
+                elif seq < block.expected or block.in_gap(seq):
+                    block.row_problem = True
                     row_problem(
                         ProblemKind.INSERTED_ROW,
                         row,
-                        f"lies before the first sealed range (seal {info.seal_no} starts at "
-                        f"seq {info.first_seq}): inserted afterwards",
-                        info.seal_no,
+                        f"lies in the range of seal {block.info.seal_no}, which recorded no row "
+                        f"there: inserted afterwards",
+                        block.info.seal_no,
                     )
-                continue
-            if seq < block.expected or block.in_gap(seq):
-                block.row_problem = True
-                row_problem(
-                    ProblemKind.INSERTED_ROW,
-                    row,
-                    f"lies in the range of seal {info.seal_no}, which recorded no row "
-                    f"there: inserted afterwards",
-                    info.seal_no,
-                )
-                continue
-            if seq > block.expected:
-                report_missing(block, seq)
-            block.expected = block.skip_gaps(seq + 1)
-            block.leaves.append(stored)
-            if row[14] >= block.horizon:
-                block.row_problem = True
-                row_problem(
-                    ProblemKind.CHANGED_ROW,
-                    row,
-                    f"names transaction {row[14]}, which had not ended when seal "
-                    f"{info.seal_no} was made",
-                    info.seal_no,
-                )
-            if block.floor_us is not None and row[8] < block.floor_us:
-                row_problem(
-                    ProblemKind.BACKDATED_ROW,
-                    row,
-                    "claims to be recorded before the sealing run that preceded its seal",
-                    info.seal_no,
-                )
-        cursor = batch[-1][1]
-        if progress is not None:
-            progress(Progress("verify", rows_checked, total))
+                    continue
+                else:
+                    report_missing(block, seq)
+                    block.expected = block.skip_gaps(seq + 1)
+                block.leaves.append(stored)
+                if row[14] >= block.horizon:
+                    block.row_problem = True
+                    row_problem(
+                        ProblemKind.CHANGED_ROW,
+                        row,
+                        f"names transaction {row[14]}, which had not ended when seal "
+                        f"{block.info.seal_no} was made",
+                        block.info.seal_no,
+                    )
+                if block.floor_us is not None and recorded_us < block.floor_us:
+                    row_problem(
+                        ProblemKind.BACKDATED_ROW,
+                        row,
+                        "claims to be recorded before the sealing run that preceded its seal",
+                        block.info.seal_no,
+                    )
+            if progress is not None:
+                progress(Progress("verify", rows_checked, total))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
     while block is not None:
         close_block(block)
         seal_index += 1

@@ -62,8 +62,8 @@ RETURN '\x01'::bytea || sha256(
     || uuid_send(p_entity_id)
     || convert_to(p_actor, 'UTF8') || '\x00'::bytea
     || convert_to(p_data::text, 'UTF8') || '\x00'::bytea
-    || int8send((extract(epoch FROM p_occurred_at) * 1000000)::bigint)
-    || int8send((extract(epoch FROM p_recorded_at) * 1000000)::bigint)
+    || timestamptz_send(p_occurred_at)
+    || timestamptz_send(p_recorded_at)
     || CASE WHEN p_recommendation_id IS NULL THEN '\x00'::bytea
             ELSE '\x01'::bytea || uuid_send(p_recommendation_id) END
     || CASE WHEN p_order_id IS NULL THEN '\x00'::bytea

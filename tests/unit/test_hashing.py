@@ -102,11 +102,12 @@ def test_text_boundaries_cannot_shift() -> None:
     assert one != two
 
 
-def test_micros_counts_from_the_unix_epoch_in_utc() -> None:
-    assert micros(datetime(1970, 1, 1, tzinfo=UTC)) == 0
-    assert micros(datetime(1970, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))) == 0
-    assert micros(datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)) == -1
-    assert micros(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)) == 1_767_323_045_000_006
+def test_micros_counts_from_the_postgresql_epoch_in_utc() -> None:
+    assert micros(datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    assert micros(datetime(2000, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))) == 0
+    assert micros(datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)) == -1
+    unix_micros = 1_767_323_045_000_006
+    assert micros(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)) == unix_micros - 946_684_800 * 10**6
 
 
 def _leaf(n: int) -> bytes:
