@@ -13,6 +13,7 @@ from audit_orm.errors import (
     InvalidIdError,
     InvalidInputError,
     InvalidPayloadError,
+    MigrationConflictError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "MigrationConflictError",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
     "__version__",
