@@ -17,6 +17,7 @@ from audit_orm.errors import (
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
+from audit_orm.export import export_events
 from audit_orm.models import AuditEvent, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
@@ -45,5 +46,6 @@ __all__ = [
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
     "__version__",
+    "export_events",
     "validate_payload",
 ]
