@@ -206,7 +206,15 @@ def downgrade() -> None:
     for name in ("actor_not_empty", "entity_type", "event_type"):
         op.drop_constraint(op.f(f"ck_audit_events_{name}"), "audit_events", type_="check")
     op.drop_constraint(op.f("uq_audit_events_seq"), "audit_events", type_="unique")
-    op.alter_column("audit_events", "actor", type_=sa.Text(), existing_nullable=False)
+    # The default was restated on the VARCHAR column, so it is cast to VARCHAR;
+    # state it again on TEXT so the table is exactly the one 0001 makes.
+    op.alter_column(
+        "audit_events",
+        "actor",
+        type_=sa.Text(),
+        existing_nullable=False,
+        server_default=sa.text("'system'"),
+    )
     op.alter_column("audit_events", "entity_type", type_=sa.Text(), existing_nullable=False)
     op.alter_column("audit_events", "event_type", type_=sa.Text(), existing_nullable=False)
     for column in ("ticker", "order_id", "recommendation_id", "recorded_at", "seq"):
