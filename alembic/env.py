@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from alembic.util import CommandError
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from audit_orm.database import DATABASE_URL_ENV, asyncpg_url
 from audit_orm.migrate import VERSION_TABLE
 from audit_orm.models import Base

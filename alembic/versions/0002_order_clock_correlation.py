@@ -17,9 +17,8 @@ Create Date: 2026-11-29
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0002_order_clock_correlation"
 down_revision: str | Sequence[str] | None = "0001_seed_table"
@@ -116,10 +115,11 @@ def upgrade() -> None:
     op.alter_column(
         "audit_events", "entity_type", type_=sa.String(32), existing_type=sa.Text(), nullable=False
     )
+    # actor stays TEXT: the original module wrote whatever reviewer name it was
+    # given, and adoption must keep every row as written (see the CHECK below).
     op.alter_column(
         "audit_events",
         "actor",
-        type_=sa.String(128),
         existing_type=sa.Text(),
         nullable=False,
         server_default=sa.text("'system'"),
@@ -143,8 +143,11 @@ def upgrade() -> None:
     op.create_check_constraint(
         op.f("ck_audit_events_entity_type"), "audit_events", _in_list("entity_type", ENTITY_TYPES)
     )
-    op.create_check_constraint(
-        op.f("ck_audit_events_actor_not_empty"), "audit_events", "length(actor) > 0"
+    # NOT VALID: new rows must name an actor of 1 to 128 characters, but rows the
+    # original module already wrote (it accepted an empty reviewer) stay as they are.
+    op.execute(
+        "ALTER TABLE audit_events ADD CONSTRAINT ck_audit_events_actor_length"
+        " CHECK (length(actor) BETWEEN 1 AND 128) NOT VALID"
     )
 
     op.create_index(
@@ -203,18 +206,9 @@ def downgrade() -> None:
         "ix_audit_events_order_id_seq",
     ):
         op.drop_index(name, table_name="audit_events")
-    for name in ("actor_not_empty", "entity_type", "event_type"):
+    for name in ("actor_length", "entity_type", "event_type"):
         op.drop_constraint(op.f(f"ck_audit_events_{name}"), "audit_events", type_="check")
     op.drop_constraint(op.f("uq_audit_events_seq"), "audit_events", type_="unique")
-    # The default was restated on the VARCHAR column, so it is cast to VARCHAR;
-    # state it again on TEXT so the table is exactly the one 0001 makes.
-    op.alter_column(
-        "audit_events",
-        "actor",
-        type_=sa.Text(),
-        existing_nullable=False,
-        server_default=sa.text("'system'"),
-    )
     op.alter_column("audit_events", "entity_type", type_=sa.Text(), existing_nullable=False)
     op.alter_column("audit_events", "event_type", type_=sa.Text(), existing_nullable=False)
     for column in ("ticker", "order_id", "recommendation_id", "recorded_at", "seq"):

@@ -17,11 +17,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from alembic import command
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from alembic import command
 from audit_orm import AuditRepository, migrate
 from audit_orm.jsonb import dumps_exact
 from audit_orm.repository import prepare_event
@@ -135,6 +135,8 @@ async def _write_legacy(pool: asyncpg.Pool) -> LegacyData:
         )
     )
     _ok(await legacy.audit_approval_expired(pool, _ids(), "NVDA"))
+    # The original module accepted an empty reviewer; adoption keeps the row as written.
+    _ok(await legacy.audit_approval_reviewed(pool, _ids(), "NVDA", False, "", ""))
     _ok(await legacy.audit_trading_mode_changed(pool, _ids(), "paper", "live", "bob"))
     data.other_order_ids = [order2, order3, order4]
 
