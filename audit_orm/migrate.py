@@ -172,6 +172,11 @@ def _run(connection: Connection, revision: str, action: str) -> None:
 async def upgrade(target: AsyncEngine | AsyncConnection, revision: str = "heads") -> None:
     """Migrate the database of ``target`` to ``revision`` (default: the latest).
 
+    Given an engine, Alembic runs on a connection of its own and owns the
+    transaction, as a revision that commits part of its work needs (see the
+    README, "Adding an event type"). Given a connection already in a
+    transaction, every revision runs inside that transaction.
+
     :raises MigrationConflictError: the database's audit_orm tables are managed by
         a host application's Alembic, or are the original module's not yet adopted.
     """
