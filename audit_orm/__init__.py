@@ -14,10 +14,12 @@ from audit_orm.errors import (
     InvalidIdError,
     InvalidInputError,
     InvalidPayloadError,
+    MigrationConflictError,
     SealingError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
+from audit_orm.export import export_events
 from audit_orm.grants import grant
 from audit_orm.models import AuditEvent, AuditSeal, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
@@ -59,6 +61,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "MigrationConflictError",
     "Problem",
     "ProblemKind",
     "Progress",
@@ -71,6 +74,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "digest",
+    "export_events",
     "grant",
     "seal",
     "validate_payload",

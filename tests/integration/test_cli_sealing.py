@@ -59,7 +59,7 @@ def test_seal_digest_verify(
     code, report = run("--database-url", url, "verify", "--digest", digest.strip())
     assert code == 0
     assert report.startswith(f"ok: digest matched; {rows} rows, {seals} seals, 0 rows not sealed")
-    assert f"verify: {rows:,}" in terminal.getvalue()
+    assert f"{rows:,}/{rows:,} records" in terminal.getvalue()
 
     asyncio.run(
         _execute(
