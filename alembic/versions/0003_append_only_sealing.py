@@ -120,11 +120,15 @@ BEFORE_INSERT_FUNCTION_0002 = """
 # Identity defaults are evaluated before row triggers run but after statement
 # triggers, so taking the transaction id here guarantees every row's txid was
 # assigned before its seq was drawn. The sealer relies on it.
+# An assignment rather than PERFORM: PL/pgSQL evaluates it on its fast path for
+# simple expressions, which matters for one-row INSERT statements.
 CLAIM_XID_FUNCTION = """
 CREATE FUNCTION audit_events_claim_xid() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    claimed xid8;
 BEGIN
-    PERFORM pg_catalog.pg_current_xact_id();
+    claimed := pg_catalog.pg_current_xact_id();
     RETURN NULL;
 END
 $$
