@@ -450,7 +450,7 @@ async def _seal_locked(
                 blocking_pid=pid,
             )
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.05)
 
     sealed_at = await conn.fetchval("SELECT clock_timestamp()")
     written: list[SealInfo] = []
