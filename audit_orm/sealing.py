@@ -437,7 +437,7 @@ async def _seal_locked(
             break
         if time.monotonic() >= deadline:
             pid = await conn.fetchval(
-                "SELECT pid FROM pg_stat_activity WHERE backend_xid::text::bigint = $1 LIMIT 1",
+                "SELECT pid FROM pg_stat_activity WHERE backend_xid = xid($1::xid8) LIMIT 1",
                 xmin,
             )
             return SealResult(
@@ -473,8 +473,8 @@ async def _seal_locked(
         for row in block:
             if int(row[2]) >= horizon:
                 raise SealingError(
-                    f"row seq={row[0]} was written by transaction {row[2]}, which started "
-                    f"after its number was handed out: the number was not drawn from the "
+                    f"row seq={row[0]} was written by transaction {row[2]}, which began "
+                    f"after this range was cut: its number was not drawn from the "
                     f"sequence (INSERT ... OVERRIDING SYSTEM VALUE?); sealing stops here"
                 )
         seqs = [row[0] for row in block]
