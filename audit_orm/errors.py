@@ -64,6 +64,20 @@ class EventIdConflictError(AuditError):
         super().__init__(f"event_id: {event_id} was already recorded with different content")
 
 
+class MigrationConflictError(AuditError):
+    """The database's migration state forbids the requested migration.
+
+    Raised when audit_orm's standalone migrations meet tables they do not track:
+    managed by a host application's Alembic, or written by the original module
+    and not yet adopted. ``where`` names the table in question.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
 class AuditStorageError(AuditError):
     """The database refused or failed a statement.
 
@@ -75,8 +89,29 @@ class AuditUnavailableError(AuditStorageError):
     """The database could not be reached (connection refused, lost or timed out)."""
 
 
+class AppendOnlyError(AuditStorageError):
+    """The database refused to UPDATE, DELETE or TRUNCATE the audit trail.
+
+    The audit tables are append-only for every role; record a correction instead
+    (:meth:`~audit_orm.AuditRepository.correct`).
+    """
+
+
+class SealingError(AuditError):
+    """Sealing cannot go on safely; the message says what to fix.
+
+    Raised, for instance, when the ``seq`` sequence caches values (its numbers
+    would no longer be handed out in order) or when a row in a range about to be
+    sealed carries a number that was not drawn from the sequence.
+    """
+
+
 class WriterClosedError(AuditError):
     """The :class:`~audit_orm.AuditWriter` is closed (or closing) and takes no more events."""
+
+
+#: The SQLSTATE the append-only triggers raise.
+APPEND_ONLY_SQLSTATE = "AU001"
 
 
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
@@ -87,6 +122,9 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     message = f"{action} failed: {detail[0] if detail else type(exc).__name__}"
+    sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
+    if sqlstate == APPEND_ONLY_SQLSTATE:
+        return AppendOnlyError(message)
     if isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError)) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):

@@ -63,6 +63,7 @@ RECORD_COLUMNS = (
     AuditEvent.recommendation_id,
     AuditEvent.order_id,
     AuditEvent.ticker,
+    AuditEvent.corrects_id,
 )
 
 
@@ -71,6 +72,7 @@ class RecordOptions(TypedDict, total=False):
 
     occurred_at: datetime | None
     event_id: UUID | str | None
+    corrects: UUID | str | None
 
 
 _ENTITY_TYPES_BY_VALUE: Mapping[str, EntityType] = {t.value: t for t in EntityType}
@@ -135,6 +137,7 @@ class PreparedEvent:
     recommendation_id: UUID | None
     order_id: UUID | None
     ticker: str | None
+    corrects_id: UUID | None = None
     #: ``data`` as stored JSON text; filled by :func:`prepare_event`, derived when empty.
     data_json: str = field(default="", repr=False, compare=False)
     #: Whether the caller chose ``id`` (a retry may find it stored). ``False``
@@ -158,6 +161,7 @@ class PreparedEvent:
             "recommendation_id": self.recommendation_id,
             "order_id": self.order_id,
             "ticker": self.ticker,
+            "corrects_id": self.corrects_id,
         }
 
 
@@ -172,6 +176,7 @@ def prepare_event(
     event_id: UUID | str | None = None,
     recommendation_id: UUID | str | None = None,
     order_id: UUID | str | None = None,
+    corrects: UUID | str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> PreparedEvent:
     """Validate everything about one event without touching the database.
@@ -208,8 +213,12 @@ def prepare_event(
     if ord_id is None:
         ord_id = coerce_optional_uuid(order_id, "order_id")
     ticker = fields.get("ticker")
+    new_id = uuid7() if event_id is None else coerce_uuid(event_id, "event_id")
+    corrects_id = None if corrects is None else coerce_uuid(corrects, "corrects")
+    if corrects_id == new_id:
+        raise InvalidInputError("corrects", corrects, "an event cannot correct itself")
     return PreparedEvent(
-        id=uuid7() if event_id is None else coerce_uuid(event_id, "event_id"),
+        id=new_id,
         id_supplied=event_id is not None,
         event_type=kind,
         entity_type=entity,
@@ -220,6 +229,7 @@ def prepare_event(
         recommendation_id=rec_id,
         order_id=ord_id,
         ticker=ticker if isinstance(ticker, str) else None,
+        corrects_id=corrects_id,
         data_json=text,
     )
 
@@ -236,6 +246,7 @@ class EventSpec(TypedDict, total=False):
     event_id: UUID | str | None
     recommendation_id: UUID | str | None
     order_id: UUID | str | None
+    corrects: UUID | str | None
 
 
 _SPEC_FIELDS = tuple(EventSpec.__annotations__)
@@ -268,6 +279,7 @@ def _prepare_spec(event: Any, max_payload_bytes: int) -> PreparedEvent:
         event_id=event.get("event_id"),
         recommendation_id=event.get("recommendation_id"),
         order_id=event.get("order_id"),
+        corrects=event.get("corrects"),
         max_payload_bytes=max_payload_bytes,
     )
 
@@ -291,6 +303,24 @@ def prepare_batch(
         except InvalidInputError as exc:
             raise type(exc)(f"events[{index}].{exc.field}", exc.value, exc.reason) from exc
     return prepared
+
+
+async def _check_corrections(conn: AsyncConnection, prepared: Sequence[PreparedEvent]) -> None:
+    """Refuse a batch whose corrections name events neither stored nor in the batch."""
+    in_batch = {event.id for event in prepared}
+    first_use: dict[UUID, int] = {}
+    for index, event in enumerate(prepared):
+        target = event.corrects_id
+        if target is not None and target not in in_batch:
+            first_use.setdefault(target, index)
+    if not first_use:
+        return
+    found = await bulk.existing_ids(conn, list(first_use))
+    for target, index in first_use.items():
+        if target not in found:
+            raise InvalidInputError(
+                f"events[{index}].corrects", target, "no event with this id was recorded"
+            )
 
 
 async def _write_prepared(
@@ -322,6 +352,7 @@ def record_from_row(row: Sequence[Any]) -> AuditRecord:
         recommendation_id=row[9],
         order_id=row[10],
         ticker=row[11],
+        corrects_id=row[12],
     )
 
 
@@ -419,34 +450,47 @@ def search_statement(
     return select(*RECORD_COLUMNS).where(and_(True, *filters)).order_by(AuditEvent.seq)
 
 
-def _order_trail_select() -> Select[Any]:
-    """The order trail as one constant, parameterized statement.
+def _order_trail_select(
+    *, given_recommendation: bool, values: tuple[UUID, UUID | None] | None = None
+) -> Select[Any]:
+    """The order trail as one parameterized statement (with ``values``, bound).
 
-    Built once: SQLAlchemy then reuses its cache key and compiled form, and the
-    driver its prepared statement, so a trail costs one round trip and little
-    Python. The chain's entities are collected from the two covering indexes
-    (order id, recommendation id: see the model) without touching the table;
-    the heap is read only for the rows returned, found by entity id.
+    Built once per shape: SQLAlchemy then reuses its cache key and compiled
+    form, and the driver its prepared statement, so a trail costs one round
+    trip and little Python. The chain's entities are collected from the two
+    covering indexes (order id, recommendation id: see the model) without
+    touching the table; the heap is read only for the rows returned, found by
+    entity id. Without ``given_recommendation`` the recommendation is the
+    first one the order's own events name.
     """
     table = AuditEvent.__table__
-    order_id = bindparam("order_id", type_=Uuid())
-    recommendation_id = bindparam("recommendation_id", type_=Uuid())
-    first = table.alias("first_link")
-    first_recommendation = (
-        select(first.c.recommendation_id)
-        .where(first.c.order_id == order_id, first.c.recommendation_id.is_not(None))
-        .order_by(first.c.seq)
-        .limit(1)
-        .scalar_subquery()
-    )
+    order_value, recommendation_value = values if values is not None else (None, None)
+    if values is not None:
+        order_id = bindparam("order_id", order_value, type_=Uuid())
+    else:
+        order_id = bindparam("order_id", type_=Uuid())
+    recommendation: Any
+    if given_recommendation:
+        if values is not None:
+            recommendation = bindparam("recommendation_id", recommendation_value, type_=Uuid())
+        else:
+            recommendation = bindparam("recommendation_id", type_=Uuid())
+    else:
+        first = table.alias("first_link")
+        recommendation = (
+            select(first.c.recommendation_id)
+            .where(first.c.order_id == order_id, first.c.recommendation_id.is_not(None))
+            .order_by(first.c.seq)
+            .limit(1)
+            .scalar_subquery()
+        )
     by_order = table.alias("by_order")
     by_recommendation = table.alias("by_recommendation")
     # A UNION rather than OR: each branch stays an index-only scan.
     chain_entities = union(
         select(by_order.c.entity_id).where(by_order.c.order_id == order_id),
         select(by_recommendation.c.entity_id).where(
-            by_recommendation.c.recommendation_id
-            == func.coalesce(recommendation_id, first_recommendation)
+            by_recommendation.c.recommendation_id == recommendation
         ),
     ).scalar_subquery()
     columns = [table.c[column.key] for column in RECORD_COLUMNS]
@@ -457,9 +501,11 @@ def _order_trail_select() -> Select[Any]:
     )
 
 
-#: The statement behind :meth:`AuditRepository.order_trail`; parameters
-#: ``order_id`` and ``recommendation_id`` (``None`` to look it up).
-ORDER_TRAIL = _order_trail_select()
+#: The statement behind :meth:`AuditRepository.order_trail` given only the
+#: order (parameter ``order_id``) ...
+ORDER_TRAIL = _order_trail_select(given_recommendation=False)
+#: ... and given the recommendation too (``order_id``, ``recommendation_id``).
+ORDER_TRAIL_WITH_RECOMMENDATION = _order_trail_select(given_recommendation=True)
 
 
 class _DriverStatement:
@@ -479,7 +525,10 @@ class _DriverStatement:
         return sql, [values[n] if n in values else defaults[n] for n in names]
 
 
-_ORDER_TRAIL_DRIVER = _DriverStatement(ORDER_TRAIL)
+_ORDER_TRAIL_DRIVER = {
+    False: _DriverStatement(ORDER_TRAIL),
+    True: _DriverStatement(ORDER_TRAIL_WITH_RECOMMENDATION),
+}
 
 
 def order_trail_statement(
@@ -495,16 +544,23 @@ def order_trail_statement(
     events name. Each part is an index lookup, so the cost follows the trail,
     not the table.
     """
-    return ORDER_TRAIL.params(_order_trail_params(order_id, recommendation_id))
+    oid = coerce_uuid(order_id, "order_id")
+    rid = coerce_optional_uuid(recommendation_id, "recommendation_id")
+    # Built anew with the values bound, rather than ORDER_TRAIL.params(): its
+    # WHERE clause must carry the values when composed into another statement.
+    return _order_trail_select(given_recommendation=rid is not None, values=(oid, rid))
 
 
-def _order_trail_params(
-    order_id: UUID | str, recommendation_id: UUID | str | None
-) -> dict[str, UUID | None]:
-    return {
-        "order_id": coerce_uuid(order_id, "order_id"),
-        "recommendation_id": coerce_optional_uuid(recommendation_id, "recommendation_id"),
-    }
+def entity_trail_statement(entity_type: EntityType | str, entity_id: UUID | str) -> Select[Any]:
+    """The SELECT behind :meth:`AuditRepository.entity_trail` (one index range scan)."""
+    return (
+        select(*RECORD_COLUMNS)
+        .where(
+            AuditEvent.entity_id == coerce_uuid(entity_id, "entity_id"),
+            AuditEvent.entity_type == coerce_entity_type(entity_type).value,
+        )
+        .order_by(AuditEvent.seq)
+    )
 
 
 class AuditRepository:
@@ -538,6 +594,7 @@ class AuditRepository:
         event_id: UUID | str | None = None,
         recommendation_id: UUID | str | None = None,
         order_id: UUID | str | None = None,
+        corrects: UUID | str | None = None,
     ) -> AuditRecord:
         """Validate and write one event; return it as stored.
 
@@ -551,7 +608,9 @@ class AuditRepository:
             event again returns the stored one instead of adding a row.
         :param recommendation_id: link to a recommendation when the payload has none.
         :param order_id: link to an order when the entity is not the order.
-        :raises InvalidInputError: (or a subclass) before anything reaches the session.
+        :param corrects: the id of an earlier event this one corrects (see :meth:`correct`).
+        :raises InvalidInputError: (or a subclass) before anything reaches the session,
+            including when ``corrects`` names no recorded event.
         :raises EventIdConflictError: ``event_id`` exists with different content.
         :raises AuditStorageError: the database failed the statement.
         """
@@ -565,9 +624,62 @@ class AuditRepository:
             event_id=event_id,
             recommendation_id=recommendation_id,
             order_id=order_id,
+            corrects=corrects,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        if prepared.corrects_id is not None and await self.get(prepared.corrects_id) is None:
+            raise InvalidInputError("corrects", corrects, "no event with this id was recorded")
+        return await self.insert_prepared(prepared)
+
+    async def correct(
+        self,
+        original_event_id: UUID | str,
+        data: AuditPayload | Mapping[str, Any],
+        *,
+        actor: str = "system",
+        event_type: AuditEventType | str | None = None,
+        occurred_at: datetime | str | None = None,
+        event_id: UUID | str | None = None,
+    ) -> AuditRecord:
+        """Record a correction of an earlier event; the original stays as it was.
+
+        Audit rows are never changed (the database refuses UPDATE and DELETE).
+        A correction is a new event that references the one it corrects through
+        ``corrects_id``, so both stay readable and the trail shows who corrected
+        what, and when. It is about the same entity and has the original's event
+        type unless ``event_type`` says otherwise (a fill recorded as a
+        rejection, say); ``data`` is the corrected payload, validated as usual.
+        A correction may itself be corrected.
+
+        :param original_event_id: the event being corrected.
+        :raises InvalidInputError: ``original_event_id`` names no recorded event,
+            or the payload is invalid.
+        """
+        original = await self.get(original_event_id)
+        if original is None:
+            raise InvalidInputError(
+                "original_event_id", original_event_id, "no event with this id was recorded"
+            )
+        prepared = prepare_event(
+            original.event_type if event_type is None else event_type,
+            original.entity_type,
+            original.entity_id,
+            data,
+            actor=actor,
+            occurred_at=occurred_at,
+            event_id=event_id,
+            recommendation_id=original.recommendation_id,
+            order_id=original.order_id,
+            corrects=original.id,
             max_payload_bytes=self.max_payload_bytes,
         )
         return await self.insert_prepared(prepared)
+
+    async def corrections(self, event_id: UUID | str) -> list[AuditRecord]:
+        """The events that correct ``event_id`` directly, in recorded order."""
+        eid = coerce_uuid(event_id, "event_id")
+        stmt = select(*RECORD_COLUMNS).where(AuditEvent.corrects_id == eid).order_by(AuditEvent.seq)
+        return await self._fetch(stmt, "corrections")
 
     async def insert_prepared(self, prepared: PreparedEvent) -> AuditRecord:
         """Insert an event validated by :func:`prepare_event` (idempotent by id)."""
@@ -618,7 +730,9 @@ class AuditRepository:
             the faster choice for imports that do not need the records.
         :returns: one record per event, in the order given (``seq`` follows
             that order); or, with ``returning=False``, the number of rows added.
-        :raises InvalidInputError: (or a subclass) before anything reaches the session.
+        :raises InvalidInputError: (or a subclass) before anything is written,
+            including when a ``corrects`` names an event neither stored nor in
+            the batch.
         :raises EventIdConflictError: an event id is taken by a different event.
         :raises AuditStorageError: the database failed; the batch left nothing behind.
         """
@@ -627,6 +741,7 @@ class AuditRepository:
             return [] if returning else 0
         try:
             conn = await self.session.connection()
+            await _check_corrections(conn, prepared)
             if await bulk.is_autocommit(conn):
                 # No transaction block to hold a savepoint: each statement
                 # commits on its own (see the bulk module).
@@ -979,19 +1094,23 @@ class AuditRepository:
         ``recommendation_id`` the recommendation is found through the order's
         own events.
         """
-        params = _order_trail_params(order_id, recommendation_id)
+        params: dict[str, UUID] = {"order_id": coerce_uuid(order_id, "order_id")}
+        rid = coerce_optional_uuid(recommendation_id, "recommendation_id")
+        if rid is not None:
+            params["recommendation_id"] = rid
         try:
             conn = await self.session.connection()
             driver = await bulk.direct_driver(conn)
             if driver is not None:
                 # The transaction has begun (or there is none): straight to the
                 # driver, as the bulk module does, a trail being a hot path.
-                sql, args = _ORDER_TRAIL_DRIVER.render(conn.dialect, params)
+                sql, args = _ORDER_TRAIL_DRIVER[rid is not None].render(conn.dialect, params)
                 rows = await driver.fetch(sql, *args)
                 return [bulk.record_from_text_row(row) for row in rows]
             # On the session's connection: the statement is plain Core, and the
             # ORM layer of session.execute() would only add per-call overhead.
-            result = await conn.execute(ORDER_TRAIL, params)
+            stmt = ORDER_TRAIL if rid is None else ORDER_TRAIL_WITH_RECOMMENDATION
+            result = await conn.execute(stmt, params)
             return [record_from_row(row) for row in result.all()]
         except SQLAlchemyError as exc:
             raise translate_db_error(exc, "order trail") from exc
@@ -1004,15 +1123,7 @@ class AuditRepository:
         self, entity_type: EntityType | str, entity_id: UUID | str
     ) -> list[AuditRecord]:
         """Every event about one entity, in recorded order."""
-        stmt = (
-            select(*RECORD_COLUMNS)
-            .where(
-                AuditEvent.entity_id == coerce_uuid(entity_id, "entity_id"),
-                AuditEvent.entity_type == coerce_entity_type(entity_type).value,
-            )
-            .order_by(AuditEvent.seq)
-        )
-        return await self._fetch(stmt, "entity trail")
+        return await self._fetch(entity_trail_statement(entity_type, entity_id), "entity trail")
 
     async def search(
         self,

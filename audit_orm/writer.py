@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit_orm import bulk
@@ -247,11 +248,14 @@ class AuditWriter:
         event_id: UUID | str | None = None,
         recommendation_id: UUID | str | None = None,
         order_id: UUID | str | None = None,
+        corrects: UUID | str | None = None,
     ) -> AuditRecord:
         """Validate an event, queue it, and return its record once it is committed.
 
         Arguments as for :meth:`AuditRepository.record
-        <audit_orm.AuditRepository.record>`.
+        <audit_orm.AuditRepository.record>`. A ``corrects`` is looked up before
+        the event is queued (on another connection of the engine), so a
+        correction of an unknown event fails its caller alone, not its group.
 
         :raises InvalidInputError: (or a subclass) at once; nothing is queued.
         :raises WriterClosedError: the writer is closed.
@@ -268,9 +272,21 @@ class AuditWriter:
             event_id=event_id,
             recommendation_id=recommendation_id,
             order_id=order_id,
+            corrects=corrects,
             max_payload_bytes=self.max_payload_bytes,
         )
+        if prepared.corrects_id is not None:
+            await self._check_corrected(prepared.corrects_id)
         return await self.record_prepared(prepared)
+
+    async def _check_corrected(self, event_id: UUID) -> None:
+        try:
+            async with self._engine.connect() as conn:
+                found = await bulk.existing_ids(conn, [event_id])
+        except SQLAlchemyError as exc:
+            raise translate_db_error(exc, "looking up the corrected event") from exc
+        if event_id not in found:
+            raise InvalidInputError("corrects", event_id, "no event with this id was recorded")
 
     async def record_prepared(self, event: PreparedEvent) -> AuditRecord:
         """Queue an event validated by :func:`~audit_orm.repository.prepare_event`.

@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+# Runnable as ``python bench/run.py`` as well as ``python -m bench.run``.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -318,6 +322,7 @@ class Bench:
                         None,
                         spec["entity_id"],
                         "COPY",
+                        None,
                     )
                     for spec in (fill_spec("COPY", i) for i in range(n))
                 ]

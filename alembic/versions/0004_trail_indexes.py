@@ -20,18 +20,17 @@ with ``CREATE INDEX CONCURRENTLY`` under temporary names, then drop the old
 ones and rename.
 
 Revision ID: 0004_trail_indexes
-Revises: 0002_order_clock_correlation
+Revises: 0003_append_only_sealing
 Create Date: 2026-11-29
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0004_trail_indexes"
-down_revision: str | Sequence[str] | None = "0002_order_clock_correlation"
+down_revision: str | Sequence[str] | None = "0003_append_only_sealing"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

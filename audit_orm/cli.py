@@ -1,0 +1,352 @@
+"""The ``audit-orm`` command line: parses arguments, calls the public API, prints.
+
+With no ``--database-url`` and no ``AUDIT_ORM_DATABASE_URL`` it uses an embedded
+PostgreSQL whose data lives in the user's data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit_orm import grants, migrate, sealing
+from audit_orm.database import create_engine, session_factory
+from audit_orm.demo import record_demo_chains
+from audit_orm.errors import AuditError, InvalidInputError
+from audit_orm.export import FORMATS, TerminalProgress, export_events
+from audit_orm.ids import coerce_optional_uuid, coerce_uuid
+from audit_orm.repository import AuditRepository
+from audit_orm.timeline import render_timeline
+
+#: A subcommand: receives the parsed arguments, an engine and the output stream.
+Command = Callable[[argparse.Namespace, AsyncEngine, TextIO], Awaitable[int]]
+
+
+async def cmd_migrate(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Bring the database schema to the latest revision."""
+    await migrate.upgrade(engine, args.revision)
+    print(f"database migrated to {args.revision}", file=out)
+    return 0
+
+
+async def cmd_trail(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Print an order's decision chain."""
+    order_id = coerce_uuid(args.order_id, "ORDER_ID")
+    rec_id = coerce_optional_uuid(args.recommendation, "--recommendation")
+    async with session_factory(engine)() as session:
+        trail = await AuditRepository(session).order_trail(order_id, rec_id)
+    if args.json:
+        for record in trail:
+            print(record.to_json(), file=out)
+    elif trail:
+        print(render_timeline(trail), file=out)
+    else:
+        print(f"no audit events for order {order_id}", file=out)
+    return 0 if trail else 1
+
+
+async def cmd_demo(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Migrate, record realistic chains and print one order's trail."""
+    await migrate.upgrade(engine)
+    ids = await record_demo_chains(engine)
+    async with session_factory(engine)() as session:
+        trail = await AuditRepository(session).order_trail(ids["filled"])
+    print("Recorded six decision chains: filled, risk-rejected, approval expired,", file=out)
+    print("cancelled, duplicate prevented, and a short position flipped long.\n", file=out)
+    print(f"Trail of the filled order {ids['filled']}:\n", file=out)
+    print(render_timeline(trail), file=out)
+    print(f"\nTry: audit-orm trail {ids['short']}", file=out)
+    return 0
+
+
+def _progress_bar() -> TerminalProgress | None:
+    """A progress line on stderr, only when it is a terminal."""
+    return TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+
+
+def _feed(bar: TerminalProgress) -> sealing.ProgressCallback:
+    def show(progress: sealing.Progress) -> None:
+        bar(progress.done, progress.total)
+
+    return show
+
+
+def _seal_range(seals: Sequence[sealing.SealInfo]) -> str:
+    return f"seq {seals[0].first_seq}..{seals[-1].last_seq}"
+
+
+async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Seal every committed row that can no longer change."""
+    bar = _progress_bar()
+    try:
+        result = await sealing.seal(
+            engine,
+            block_size=args.block_size,
+            max_wait=args.max_wait,
+            progress=None if bar is None else _feed(bar),
+        )
+    finally:
+        if bar is not None:
+            bar.finish()
+    status = sealing.SealStatus
+    if result.status is status.SEALED:
+        print(
+            f"sealed {result.rows_sealed} rows in {len(result.seals)} seals "
+            f"({_seal_range(result.seals)}, {result.events_per_second:,.0f} events/s)",
+            file=out,
+        )
+    elif result.status is status.UP_TO_DATE:
+        print("up to date: every closed row is sealed", file=out)
+    elif result.status is status.BUSY:
+        print("another sealer is running; nothing done", file=out)
+    else:
+        pid = "" if result.blocking_pid is None else f" (pid {result.blocking_pid})"
+        print(
+            f"waiting: transaction {result.blocking_txid}{pid} is still open; nothing sealed",
+            file=out,
+        )
+    if result.head is not None:
+        print(f"head: seal {result.head.seal_no}, digest {result.head.digest}", file=out)
+    return 1 if result.status is status.WAITING else 0
+
+
+async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Recompute every hash, block root and seal link; name what does not hold."""
+    bar = _progress_bar()
+    try:
+        report = await sealing.verify(
+            engine,
+            digest=args.digest,
+            progress=None if bar is None else _feed(bar),
+            max_problems=args.max_problems,
+        )
+    finally:
+        if bar is not None:
+            bar.finish()
+    summary = (
+        f"{report.rows_checked} rows, {report.seals_checked} seals, "
+        f"{report.unsealed_rows} rows not sealed yet ({report.events_per_second:,.0f} events/s)"
+    )
+    if report.ok:
+        vouched = " digest matched;" if report.digest_matched else ""
+        print(f"ok:{vouched} {summary}", file=out)
+        return 0
+    print(f"FAILED: {report.problem_count} problems; {summary}", file=out)
+    for problem in report.problems:
+        print(f"  {problem}", file=out)
+    if report.problem_count > len(report.problems):
+        print(f"  ... and {report.problem_count - len(report.problems)} more", file=out)
+    return 1
+
+
+async def cmd_digest(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Print the latest seal's digest, to keep outside the database."""
+    found = await sealing.digest(engine)
+    if found is None:
+        print("audit-orm: no seals yet: run audit-orm seal first", file=sys.stderr)
+        return 1
+    print(found, file=out)
+    return 0
+
+
+async def cmd_grant(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Give writer, reader and sealer roles exactly their privileges."""
+    statements = await grants.grant(
+        engine, writer=args.writer, reader=args.reader, sealer=args.sealer
+    )
+    for statement in statements:
+        print(f"{statement};", file=out)
+    return 0
+
+
+def print_grant_sql(args: argparse.Namespace, out: TextIO) -> int:
+    """``grant --print-sql``: the statements, without touching a database."""
+    for statement in grants.grant_statements(
+        writer=args.writer, reader=args.reader, sealer=args.sealer
+    ):
+        print(f"{statement};", file=out)
+    return 0
+
+
+def parse_time(value: str | None, flag: str) -> datetime | None:
+    """An ISO 8601 date or time from the command line; without an offset it is UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(flag, value, "is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+async def cmd_export(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Export events as JSON Lines or CSV, to a file or the output stream."""
+    since = parse_time(args.since, "--since")
+    until = parse_time(args.until, "--until")
+    order_id = coerce_optional_uuid(args.order, "--order")
+    bar = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+
+    async def write(stream: TextIO) -> int:
+        return await export_events(
+            engine,
+            stream,
+            format=args.format,
+            since=since,
+            until=until,
+            ticker=args.ticker,
+            event_types=args.event_type,
+            order_id=order_id,
+            progress=bar,
+        )
+
+    try:
+        if args.output is None:
+            await write(out)
+            return 0
+        # CSV gets a byte order mark: without it Excel reads UTF-8 as a legacy code page.
+        encoding = "utf-8-sig" if args.format == "csv" else "utf-8"
+        with replaced_on_success(Path(args.output), encoding) as stream:
+            count = await write(stream)
+    finally:
+        if bar is not None:
+            bar.finish()
+    print(f"exported {count} records to {args.output}", file=out)
+    return 0
+
+
+@contextmanager
+def replaced_on_success(target: Path, encoding: str) -> Iterator[TextIO]:
+    """A text file written beside ``target`` and renamed onto it only if the block succeeds.
+
+    A failed export then never leaves a truncated file under the requested name.
+    """
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with open(fd, "w", encoding=encoding, newline="") as stream:
+            yield stream
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``audit-orm``."""
+    parser = argparse.ArgumentParser(
+        prog="audit-orm", description="Execution audit trail of a trading system."
+    )
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL URL (default: $AUDIT_ORM_DATABASE_URL, else an embedded server)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("migrate", help="apply the migrations")
+    p.add_argument("--revision", default="heads", help="target revision (default: heads)")
+    p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("trail", help="print an order's decision chain")
+    p.add_argument("order_id", metavar="ORDER_ID")
+    p.add_argument("--recommendation", metavar="ID", help="the order's recommendation id")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=cmd_trail)
+
+    p = sub.add_parser(
+        "export",
+        help="write events as JSON Lines or CSV",
+        description="Write events in recorded order, with every field, timestamps in UTC and "
+        "exact numbers. Times without an offset are UTC; --since is inclusive, --until "
+        "exclusive, both on the recorded time.",
+    )
+    p.add_argument("--since", metavar="TIME", help="recorded at or after (ISO 8601)")
+    p.add_argument("--until", metavar="TIME", help="recorded before (ISO 8601)")
+    p.add_argument("--ticker", help="only this instrument")
+    p.add_argument(
+        "--event-type",
+        action="append",
+        metavar="TYPE",
+        help="only this event type (repeat for several)",
+    )
+    p.add_argument("--order", metavar="ORDER_ID", help="only this order's decision chain")
+    p.add_argument("--format", choices=FORMATS, default="jsonl", help="default: jsonl")
+    p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("demo", help="record sample chains and show a trail")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("seal", help="seal committed rows into the hash chain")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=sealing.DEFAULT_BLOCK_SIZE,
+        help=f"rows per seal (default: {sealing.DEFAULT_BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=sealing.DEFAULT_MAX_WAIT,
+        help="seconds to wait for running writers (default: %(default)s)",
+    )
+    p.set_defaults(handler=cmd_seal)
+
+    p = sub.add_parser("verify", help="recompute every hash and check the seal chain")
+    p.add_argument("--digest", metavar="HEX", help="a digest printed earlier by `digest`")
+    p.add_argument(
+        "--max-problems",
+        type=int,
+        default=sealing.DEFAULT_MAX_PROBLEMS,
+        help="problems to list (all are counted; default: %(default)s)",
+    )
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("digest", help="print the latest seal's digest")
+    p.set_defaults(handler=cmd_digest)
+
+    p = sub.add_parser("grant", help="give roles writer, reader or sealer privileges")
+    p.add_argument("--writer", metavar="ROLE", help="may INSERT and SELECT events")
+    p.add_argument("--reader", metavar="ROLE", help="may SELECT only")
+    p.add_argument("--sealer", metavar="ROLE", help="may read events and add seals")
+    p.add_argument(
+        "--print-sql", action="store_true", help="print the statements instead of running them"
+    )
+    p.set_defaults(handler=cmd_grant)
+    return parser
+
+
+async def _run(args: argparse.Namespace, out: TextIO) -> int:
+    if getattr(args, "print_sql", False):
+        return print_grant_sql(args, out)
+    engine = create_engine(args.database_url)
+    try:
+        handler: Command = args.handler
+        return await handler(args, engine, out)
+    finally:
+        await engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the ``audit-orm`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args, out or sys.stdout))
+    except AuditError as exc:
+        print(f"audit-orm: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"audit-orm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
