@@ -98,6 +98,9 @@ SELECT_STORED_SQL = (
     "FROM audit_events WHERE id = ANY($1::uuid[])"
 )
 
+_EVENT_TYPES = {kind.value: kind for kind in AuditEventType}
+_ENTITY_TYPES = {kind.value: kind for kind in EntityType}
+
 #: What one event of a batch came to: its stored record, or the conflict refusing it.
 Outcome = AuditRecord | EventIdConflictError
 
@@ -205,8 +208,8 @@ def record_from_text_row(row: Sequence[Any]) -> AuditRecord:
     return AuditRecord(
         id=row[0],
         seq=row[1],
-        event_type=AuditEventType(row[2]),
-        entity_type=EntityType(row[3]),
+        event_type=_EVENT_TYPES[row[2]],
+        entity_type=_ENTITY_TYPES[row[3]],
         entity_id=row[4],
         actor=row[5],
         data=loads_exact(row[6]),

@@ -82,9 +82,16 @@ class JSONText(str):
     __slots__ = ()
 
 
+#: One decoder for every call: ``json.loads`` with options builds a new one each time.
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
 def loads_exact(text: str | bytes) -> Any:
     """Parse JSON, reading non-integer numbers as :class:`~decimal.Decimal`."""
-    return json.loads(text, parse_float=Decimal)
+    if isinstance(text, (bytes, bytearray)):
+        # As json.loads() reads bytes.
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    return _DECODER.decode(text)
 
 
 class ExactJSONB(TypeDecorator[Any]):
