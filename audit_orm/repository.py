@@ -16,11 +16,11 @@ from uuid import UUID
 
 from sqlalchemy import ColumnElement, Select, and_, any_, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    DB_ERRORS,
     EventIdConflictError,
     InvalidInputError,
     InvalidPayloadError,
@@ -28,7 +28,7 @@ from audit_orm.errors import (
     translate_db_error,
 )
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid, uuid7
-from audit_orm.jsonb import dumps_exact
+from audit_orm.jsonb import dumps_exact, loads_exact
 from audit_orm.models import ACTOR_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
     AuditPayload,
@@ -410,7 +410,7 @@ class AuditRepository:
         try:
             result = await self.session.execute(stmt, prepared.row())
             inserted = result.first()
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, f"recording {prepared.event_type.value}") from exc
         if inserted is None:
             return await self._existing(prepared)
@@ -438,7 +438,9 @@ class AuditRepository:
             and stored.entity_type is prepared.entity_type
             and stored.entity_id == prepared.entity_id
             and stored.actor == prepared.actor
-            and stored.data == prepared.data
+            # Compare as the database returns it: a float such as a confidence
+            # of 0.9 reads back as Decimal('0.9'), which != 0.9 in Python.
+            and stored.data == loads_exact(dumps_exact(prepared.data))
             and (prepared.occurred_at is None or stored.occurred_at == prepared.occurred_at)
         )
         if not same:
@@ -846,5 +848,5 @@ class AuditRepository:
         try:
             result = await self.session.execute(stmt)
             return [record_from_row(row) for row in result.all()]
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, action) from exc
