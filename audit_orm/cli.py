@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm import migrate
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
-from audit_orm.errors import AuditError
+from audit_orm.errors import AuditError, InvalidInputError
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
 from audit_orm.repository import AuditRepository
+from audit_orm.retry import RetryPolicy
+from audit_orm.spool import ReplayInterruptedError, replay_spool
 from audit_orm.timeline import render_timeline
 
 #: A subcommand: receives the parsed arguments, an engine and the output stream.
@@ -28,7 +33,13 @@ Command = Callable[[argparse.Namespace, AsyncEngine, TextIO], Awaitable[int]]
 
 async def cmd_migrate(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Bring the database schema to the latest revision."""
-    await migrate.upgrade(engine, args.revision)
+    revision = args.revision
+    if not revision or not revision.isprintable():
+        raise InvalidInputError("--revision", revision, "must be a revision id")
+    try:
+        await migrate.upgrade(engine, revision)
+    except CommandError as exc:
+        raise InvalidInputError("--revision", revision, "is not a known revision") from exc
     print(f"database migrated to {args.revision}", file=out)
     return 0
 
@@ -63,6 +74,24 @@ async def cmd_demo(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -
     return 0
 
 
+async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Write a best-effort spool's events to the database; exit 1 if any were rejected."""
+    policy = RetryPolicy(attempts=args.attempts)
+    try:
+        report = await replay_spool(args.spool, engine, chunk_size=args.chunk_size, retry=policy)
+    except ReplayInterruptedError as exc:
+        print(f"replay interrupted: {exc.report.summary()}", file=out)
+        raise
+    if not report.records and not report.rejected:
+        print(f"nothing to replay in {report.spool}", file=out)
+        return 0
+    print(report.summary(), file=out)
+    for problem in report.rejected:
+        where = f"line {problem.line}" if problem.line else f"event {problem.event_id}"
+        print(f"  rejected {where}: {problem.reason}", file=out)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``audit-orm``."""
     parser = argparse.ArgumentParser(
@@ -86,11 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="record sample chains and show a trail")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("replay", help="write a best-effort spool's events to the database")
+    p.add_argument("spool", metavar="SPOOL", help="the spool file")
+    p.add_argument(
+        "--chunk-size", type=int, default=500, metavar="N", help="events per transaction"
+    )
+    p.add_argument(
+        "--attempts", type=int, default=5, metavar="N", help="tries per chunk (default: 5)"
+    )
+    p.set_defaults(handler=cmd_replay)
     return parser
 
 
+def _engine(url: str | None) -> AsyncEngine:
+    try:
+        return create_engine(url)
+    except (ValueError, ArgumentError) as exc:
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
+        raise InvalidInputError("--database-url", shown, f"is not a usable URL: {exc}") from None
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
-    engine = create_engine(args.database_url)
+    engine = _engine(args.database_url)
     try:
         handler: Command = args.handler
         return await handler(args, engine, out)

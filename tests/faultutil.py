@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, Numeric, String, Table, Uuid, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from audit_orm import AuditEvent, migrate
@@ -85,3 +86,10 @@ async def position_of(engine: AsyncEngine, order_id: uuid.UUID) -> Any:
         return (
             await conn.execute(select(positions).where(positions.c.order_id == order_id))
         ).first()
+
+
+def unreachable_url(url: str) -> str:
+    """``url`` pointed at a socket directory that does not exist: connecting fails at once."""
+    parsed = make_url(url)
+    query = {**parsed.query, "host": "/nonexistent/audit-orm-test-socket"}
+    return parsed.set(host=None, port=None, query=query).render_as_string(hide_password=False)
