@@ -42,10 +42,12 @@ async def business_database(admin_url: str) -> AsyncIterator[tuple[str, AsyncEng
 
 
 @asynccontextmanager
-async def audit_table_locked(engine: AsyncEngine) -> AsyncIterator[None]:
-    """Another connection holds a lock that blocks every INSERT into audit_events."""
+async def audit_table_locked(engine: AsyncEngine, mode: str = "SHARE") -> AsyncIterator[None]:
+    """Another connection holds a lock on audit_events: SHARE blocks every INSERT,
+    ACCESS EXCLUSIVE every read too."""
+    assert mode in {"SHARE", "ACCESS EXCLUSIVE"}
     async with engine.connect() as conn:
-        await conn.execute(text("LOCK TABLE audit_events IN SHARE MODE"))
+        await conn.execute(text(f"LOCK TABLE audit_events IN {mode} MODE"))
         try:
             yield
         finally:
