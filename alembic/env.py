@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from alembic.util import CommandError
 from sqlalchemy import pool
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from audit_orm.database import DATABASE_URL_ENV, asyncpg_url
 from audit_orm.migrate import VERSION_TABLE
 from audit_orm.models import Base
@@ -58,14 +59,35 @@ def _configure(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _where(url: str) -> str:
+    parsed = make_url(url)
+    host = parsed.host or parsed.query.get("host") or "localhost"
+    port = parsed.port or parsed.query.get("port") or 5432
+    return f"database {parsed.database!r} on {host} port {port}"
+
+
 async def _run_async(url: str) -> None:
     engine = create_async_engine(url, poolclass=pool.NullPool)
     try:
-        async with engine.connect() as connection:
+        # Only the connect is guarded: an error inside a migration keeps its
+        # full traceback, since that is what its author needs.
+        try:
+            connection = await engine.connect().start()
+        except (TimeoutError, OSError) as exc:
+            raise CommandError(
+                f"cannot reach the database server ({_where(url)}): {exc}; "
+                f"check {DATABASE_URL_ENV} and that PostgreSQL is running"
+            ) from exc
+        except DBAPIError as exc:
+            raise CommandError(
+                f"cannot connect to the database ({_where(url)}): {exc.orig}; "
+                f"check {DATABASE_URL_ENV}"
+            ) from exc
+        try:
             await connection.run_sync(_configure)
             await connection.commit()
-    except (TimeoutError, OSError) as exc:
-        raise CommandError(f"cannot reach the database: {exc}") from exc
+        finally:
+            await connection.close()
     finally:
         await engine.dispose()
 

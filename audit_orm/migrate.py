@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from alembic import command
 
 #: The version table of standalone use, apart from a host application's own.
 VERSION_TABLE = "audit_orm_alembic_version"

@@ -184,7 +184,8 @@ class ApprovalReviewedPayload(AuditPayload):
 
     ticker: Ticker
     approved: bool
-    reviewed_by: Label
+    # Free text, not a label: the original module accepted any reviewer name.
+    reviewed_by: Text
     review_note: Text = ""
 
 

@@ -338,6 +338,18 @@ def order_trail_statement(
     )
 
 
+def entity_trail_statement(entity_type: EntityType | str, entity_id: UUID | str) -> Select[Any]:
+    """The SELECT behind :meth:`AuditRepository.entity_trail` (one index range scan)."""
+    return (
+        select(*RECORD_COLUMNS)
+        .where(
+            AuditEvent.entity_id == coerce_uuid(entity_id, "entity_id"),
+            AuditEvent.entity_type == coerce_entity_type(entity_type).value,
+        )
+        .order_by(AuditEvent.seq)
+    )
+
+
 class AuditRepository:
     """Write and read audit events on the caller's :class:`AsyncSession`.
 
@@ -793,15 +805,7 @@ class AuditRepository:
         self, entity_type: EntityType | str, entity_id: UUID | str
     ) -> list[AuditRecord]:
         """Every event about one entity, in recorded order."""
-        stmt = (
-            select(*RECORD_COLUMNS)
-            .where(
-                AuditEvent.entity_id == coerce_uuid(entity_id, "entity_id"),
-                AuditEvent.entity_type == coerce_entity_type(entity_type).value,
-            )
-            .order_by(AuditEvent.seq)
-        )
-        return await self._fetch(stmt, "entity trail")
+        return await self._fetch(entity_trail_statement(entity_type, entity_id), "entity trail")
 
     async def search(
         self,

@@ -9,6 +9,7 @@ freely (SQLAlchemy's "joining a session into an external transaction" recipe).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from tests.dbutil import create_database, drop_database, server_url
 
 
 @pytest.fixture(scope="session")
-def admin_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def admin_url() -> str:
     """Admin URL of the session's PostgreSQL server."""
-    root: Path = tmp_path_factory.mktemp("server")
+    # A private folder rather than pytest's tmp_path: pytest prunes old base
+    # folders, which can pull the data directory from under a concurrent run.
+    root = Path(tempfile.mkdtemp(prefix="audit-orm-tests-"))
     return server_url(root)
 
 

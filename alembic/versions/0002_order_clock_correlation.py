@@ -17,8 +17,8 @@ Create Date: 2026-11-29
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0002_order_clock_correlation"
 down_revision: str | Sequence[str] | None = "0001_seed_table"
@@ -99,37 +99,56 @@ def upgrade() -> None:
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), "
         "(SELECT coalesce(max(seq), 0) + 1 FROM audit_events), false)"
     )
-    op.create_unique_constraint("uq_audit_events_seq", "audit_events", ["seq"])
+    op.create_unique_constraint(op.f("uq_audit_events_seq"), "audit_events", ["seq"])
     op.alter_column(
         "audit_events",
         "recorded_at",
         nullable=False,
         server_default=sa.text("clock_timestamp()"),
     )
+    # NOT NULL and the defaults are restated, not assumed: a table created by hand
+    # before this package may lack them, and after adoption it must be the table
+    # a fresh database gets. On a table made by 0001 these change nothing.
     op.alter_column(
-        "audit_events",
-        "event_type",
-        type_=sa.String(64),
-        existing_type=sa.Text(),
-        existing_nullable=False,
+        "audit_events", "event_type", type_=sa.String(64), existing_type=sa.Text(), nullable=False
     )
     op.alter_column(
-        "audit_events",
-        "entity_type",
-        type_=sa.String(32),
-        existing_type=sa.Text(),
-        existing_nullable=False,
+        "audit_events", "entity_type", type_=sa.String(32), existing_type=sa.Text(), nullable=False
     )
+    # actor stays TEXT: the original module wrote whatever reviewer name it was
+    # given, and adoption must keep every row as written (see the CHECK below).
     op.alter_column(
         "audit_events",
         "actor",
-        type_=sa.String(128),
         existing_type=sa.Text(),
-        existing_nullable=False,
+        nullable=False,
+        server_default=sa.text("'system'"),
     )
-    op.create_check_constraint("event_type", "audit_events", _in_list("event_type", EVENT_TYPES))
-    op.create_check_constraint("entity_type", "audit_events", _in_list("entity_type", ENTITY_TYPES))
-    op.create_check_constraint("actor_not_empty", "audit_events", "length(actor) > 0")
+    op.alter_column("audit_events", "entity_id", existing_type=sa.Uuid(), nullable=False)
+    op.alter_column(
+        "audit_events",
+        "data",
+        existing_type=postgresql.JSONB(astext_type=sa.Text()),
+        nullable=False,
+        server_default=sa.text("'{}'::jsonb"),
+    )
+    op.alter_column(
+        "audit_events", "occurred_at", existing_type=sa.DateTime(timezone=True), nullable=False
+    )
+    # Final names (op.f): the naming convention must not be applied a second time,
+    # and a host application's metadata may have no convention at all.
+    op.create_check_constraint(
+        op.f("ck_audit_events_event_type"), "audit_events", _in_list("event_type", EVENT_TYPES)
+    )
+    op.create_check_constraint(
+        op.f("ck_audit_events_entity_type"), "audit_events", _in_list("entity_type", ENTITY_TYPES)
+    )
+    # NOT VALID: new rows must name an actor of 1 to 128 characters, but rows the
+    # original module already wrote (it accepted an empty reviewer) stay as they are.
+    op.execute(
+        "ALTER TABLE audit_events ADD CONSTRAINT ck_audit_events_actor_length"
+        " CHECK (length(actor) BETWEEN 1 AND 128) NOT VALID"
+    )
 
     op.create_index(
         "ix_audit_events_order_id_seq",
@@ -187,10 +206,9 @@ def downgrade() -> None:
         "ix_audit_events_order_id_seq",
     ):
         op.drop_index(name, table_name="audit_events")
-    for name in ("actor_not_empty", "entity_type", "event_type"):
-        op.drop_constraint(f"ck_audit_events_{name}", "audit_events", type_="check")
-    op.drop_constraint("uq_audit_events_seq", "audit_events", type_="unique")
-    op.alter_column("audit_events", "actor", type_=sa.Text(), existing_nullable=False)
+    for name in ("actor_length", "entity_type", "event_type"):
+        op.drop_constraint(op.f(f"ck_audit_events_{name}"), "audit_events", type_="check")
+    op.drop_constraint(op.f("uq_audit_events_seq"), "audit_events", type_="unique")
     op.alter_column("audit_events", "entity_type", type_=sa.Text(), existing_nullable=False)
     op.alter_column("audit_events", "event_type", type_=sa.Text(), existing_nullable=False)
     for column in ("ticker", "order_id", "recommendation_id", "recorded_at", "seq"):
