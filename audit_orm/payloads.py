@@ -39,6 +39,13 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _no_control(value: str) -> str:
+    _no_nul(value)
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+        raise ValueError("control characters are not allowed in a symbol or label")
+    return value
+
+
 def _finite(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError("must be a finite number")
@@ -54,9 +61,9 @@ def _finite_float(value: float) -> float:
 #: Free text: any Unicode except NUL.
 Text = Annotated[str, AfterValidator(_no_nul)]
 #: A short label such as a side, a mode or an order type.
-Label = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
+Label = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_control)]
 #: An instrument symbol.
-Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_nul)]
+Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_control)]
 #: An exact, finite decimal amount (price, quantity, value).
 Amount = Annotated[Decimal, AfterValidator(_finite)]
 #: A finite float (scores such as a confidence).

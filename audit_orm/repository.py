@@ -29,7 +29,7 @@ from audit_orm.errors import (
 )
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid, uuid7
 from audit_orm.jsonb import dumps_exact, loads_exact
-from audit_orm.models import ACTOR_MAX_LENGTH, AuditEvent
+from audit_orm.models import ACTOR_MAX_LENGTH, TICKER_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
     AuditPayload,
     PositionChangePayload,
@@ -94,6 +94,17 @@ def check_actor(actor: Any) -> str:
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in actor):
         raise InvalidInputError("actor", actor, "must not contain control characters")
     return actor
+
+
+def check_ticker(ticker: Any) -> str:
+    """Validate a ticker filter: what a payload's ticker may be, nothing else."""
+    if not isinstance(ticker, str) or not ticker or len(ticker) > TICKER_MAX_LENGTH:
+        raise InvalidInputError(
+            "ticker", ticker, f"must be a string of 1 to {TICKER_MAX_LENGTH} characters"
+        )
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in ticker):
+        raise InvalidInputError("ticker", ticker, "must not contain control characters")
+    return ticker
 
 
 def check_timestamp(value: Any, field: str) -> datetime:
@@ -257,9 +268,7 @@ def _search_filters(
     if actor is not None:
         filters.append(AuditEvent.actor == check_actor(actor))
     if ticker is not None:
-        if not isinstance(ticker, str) or not ticker or "\x00" in ticker:
-            raise InvalidInputError("ticker", ticker, "must be a non-empty string without NUL")
-        filters.append(AuditEvent.ticker == ticker)
+        filters.append(AuditEvent.ticker == check_ticker(ticker))
     if order_id is not None:
         filters.append(AuditEvent.order_id == coerce_uuid(order_id, "order_id"))
     if recommendation_id is not None:

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,8 @@ class Spool:
             except OSError as exc:
                 raise AuditSpoolError(f"spool {self.path}: cannot open: {exc}") from exc
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise AuditSpoolError(f"spool {self.path}: is not a regular file")
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 if not claimed.exists():
@@ -508,6 +511,8 @@ async def replay_spool(
     ):
         raise InvalidInputError("chunk_size", chunk_size, "must be an integer from 1 to 10000")
     spool = Spool(path)
+    if spool.path.exists() and not spool.path.is_file():
+        raise AuditSpoolError(f"spool {spool.path}: is not a regular file")
     lock = await asyncio.to_thread(_replay_lock, spool.path)
     try:
         return await _replay(spool, engine, chunk_size, retry or RetryPolicy(), max_payload_bytes)
