@@ -46,9 +46,24 @@ def _no_control(value: str) -> str:
     return value
 
 
+#: Digits an amount may have on either side of the decimal point. PostgreSQL's
+#: numeric allows more, but stores them written out: ``1E+100000`` would be a
+#: 100 kB row from 9 bytes of JSON, and past 16383 decimals an INSERT fails.
+AMOUNT_MAX_DIGITS = 1000
+
+
 def _finite(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError("must be a finite number")
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > AMOUNT_MAX_DIGITS or value.adjusted() >= AMOUNT_MAX_DIGITS:
+        raise ValueError(
+            f"must have at most {AMOUNT_MAX_DIGITS} digits before and after the decimal point"
+        )
+    if value.is_zero() and value.is_signed():
+        # PostgreSQL has no negative zero; store what it will read back.
+        value = value.copy_negate()
     return value
 
 

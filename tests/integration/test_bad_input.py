@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,10 @@ CASES = [
     Case("NaN decimal", fill(fill_price="NaN"), InvalidPayloadError, "data.fill_price", "NaN"),
     Case("infinite float", fill(fill_quantity=float("inf")), InvalidPayloadError,
          "data.fill_quantity", "inf"),
+    Case("decimal too small for PostgreSQL", fill(fill_price=Decimal("1E-20000")),
+         InvalidPayloadError, "data.fill_price", "Decimal('1E-20000')"),
+    Case("decimal too large to store sanely", fill(fill_quantity=Decimal("9E+200000")),
+         InvalidPayloadError, "data.fill_quantity", "Decimal('9E+200000')"),
     Case("NaN float score",
          rec(event_type="recommendation.generated", entity_type="recommendation",
              data={"ticker": "X", "action": "buy", "mode": "paper",
