@@ -4,10 +4,13 @@ An append-only record of every step from a trading recommendation to its
 market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
 """
 
+from audit_orm.besteffort import BestEffortRepository
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     AuditError,
+    AuditSpoolError,
     AuditStorageError,
+    AuditTimeoutError,
     AuditUnavailableError,
     EventIdConflictError,
     InvalidIdError,
@@ -20,6 +23,8 @@ from audit_orm.models import AuditEvent, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
 from audit_orm.repository import AuditRepository
+from audit_orm.retry import RetryPolicy
+from audit_orm.spool import ReplayReport, Spool, SpooledRecord, replay_spool
 
 __version__ = "0.1.0"
 
@@ -32,16 +37,24 @@ __all__ = [
     "AuditPayload",
     "AuditRecord",
     "AuditRepository",
+    "AuditSpoolError",
     "AuditStorageError",
+    "AuditTimeoutError",
     "AuditUnavailableError",
     "Base",
+    "BestEffortRepository",
     "EntityType",
     "EventIdConflictError",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "ReplayReport",
+    "RetryPolicy",
+    "Spool",
+    "SpooledRecord",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
     "__version__",
+    "replay_spool",
     "validate_payload",
 ]
