@@ -118,20 +118,23 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = detail[0] if detail else type(exc).__name__
-    if isinstance(exc, (OSError, TimeoutError)):
-        first = f"database unreachable ({type(exc).__name__}: {first})"
-    message = f"{action} failed: {first}"
     state = _sqlstate(exc)
     if state in _TIMEOUT_STATES:
-        return AuditTimeoutError(message)
+        return AuditTimeoutError(f"{action} failed: {first}")
+    if isinstance(exc, (OSError, TimeoutError)):
+        return AuditUnavailableError(
+            f"{action} failed: database unreachable ({type(exc).__name__}: {first})"
+        )
     if (
-        isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError))
+        isinstance(exc, (sa_exc.DisconnectionError, ConnectionError))
         or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
         or state in _UNAVAILABLE_STATES
         or (state is not None and state.startswith("08"))
     ):
-        return AuditUnavailableError(message)
-    return AuditStorageError(message)
+        # The driver's own words for a dropped connection can be obscure
+        # ("cannot switch to state 11"); say what happened first.
+        return AuditUnavailableError(f"{action} failed: connection lost ({first})")
+    return AuditStorageError(f"{action} failed: {first}")
 
 
 #: What a database call can raise besides SQLAlchemy's own errors: asyncpg

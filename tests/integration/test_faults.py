@@ -119,7 +119,7 @@ async def test_connection_killed_mid_transaction(db: AsyncEngine) -> None:
         await kill_backend_of(session, db)
         with pytest.raises(AuditUnavailableError) as info:
             await repo.order_accepted(order, "X", "B")
-        assert "recording order.accepted failed" in str(info.value)
+        assert "recording order.accepted failed: connection lost" in str(info.value)
         with pytest.raises(SQLAlchemyError):
             await session.commit()
         await session.rollback()
