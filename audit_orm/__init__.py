@@ -16,9 +16,11 @@ from audit_orm.errors import (
     InvalidIdError,
     InvalidInputError,
     InvalidPayloadError,
+    MigrationConflictError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
+from audit_orm.export import export_events
 from audit_orm.models import AuditEvent, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
@@ -48,6 +50,7 @@ __all__ = [
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
+    "MigrationConflictError",
     "ReplayReport",
     "RetryPolicy",
     "Spool",
@@ -55,6 +58,7 @@ __all__ = [
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
     "__version__",
+    "export_events",
     "replay_spool",
     "validate_payload",
 ]

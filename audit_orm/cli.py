@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from alembic.util.exc import CommandError
@@ -21,6 +26,7 @@ from audit_orm import migrate
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.errors import AuditError, InvalidInputError
+from audit_orm.export import FORMATS, TerminalProgress, export_events
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
 from audit_orm.repository import AuditRepository
 from audit_orm.retry import RetryPolicy
@@ -92,6 +98,68 @@ async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     return 0 if report.ok else 1
 
 
+def parse_time(value: str | None, flag: str) -> datetime | None:
+    """An ISO 8601 date or time from the command line; without an offset it is UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(flag, value, "is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+async def cmd_export(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Export events as JSON Lines or CSV, to a file or the output stream."""
+    since = parse_time(args.since, "--since")
+    until = parse_time(args.until, "--until")
+    order_id = coerce_optional_uuid(args.order, "--order")
+    bar = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+
+    async def write(stream: TextIO) -> int:
+        return await export_events(
+            engine,
+            stream,
+            format=args.format,
+            since=since,
+            until=until,
+            ticker=args.ticker,
+            event_types=args.event_type,
+            order_id=order_id,
+            progress=bar,
+        )
+
+    try:
+        if args.output is None:
+            await write(out)
+            return 0
+        # CSV gets a byte order mark: without it Excel reads UTF-8 as a legacy code page.
+        encoding = "utf-8-sig" if args.format == "csv" else "utf-8"
+        with replaced_on_success(Path(args.output), encoding) as stream:
+            count = await write(stream)
+    finally:
+        if bar is not None:
+            bar.finish()
+    print(f"exported {count} records to {args.output}", file=out)
+    return 0
+
+
+@contextmanager
+def replaced_on_success(target: Path, encoding: str) -> Iterator[TextIO]:
+    """A text file written beside ``target`` and renamed onto it only if the block succeeds.
+
+    A failed export then never leaves a truncated file under the requested name.
+    """
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with open(fd, "w", encoding=encoding, newline="") as stream:
+            yield stream
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``audit-orm``."""
     parser = argparse.ArgumentParser(
@@ -112,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recommendation", metavar="ID", help="the order's recommendation id")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=cmd_trail)
+
+    p = sub.add_parser(
+        "export",
+        help="write events as JSON Lines or CSV",
+        description="Write events in recorded order, with every field, timestamps in UTC and "
+        "exact numbers. Times without an offset are UTC; --since is inclusive, --until "
+        "exclusive, both on the recorded time.",
+    )
+    p.add_argument("--since", metavar="TIME", help="recorded at or after (ISO 8601)")
+    p.add_argument("--until", metavar="TIME", help="recorded before (ISO 8601)")
+    p.add_argument("--ticker", help="only this instrument")
+    p.add_argument(
+        "--event-type",
+        action="append",
+        metavar="TYPE",
+        help="only this event type (repeat for several)",
+    )
+    p.add_argument("--order", metavar="ORDER_ID", help="only this order's decision chain")
+    p.add_argument("--format", choices=FORMATS, default="jsonl", help="default: jsonl")
+    p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("demo", help="record sample chains and show a trail")
     p.set_defaults(handler=cmd_demo)

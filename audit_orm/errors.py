@@ -64,6 +64,20 @@ class EventIdConflictError(AuditError):
         super().__init__(f"event_id: {event_id} was already recorded with different content")
 
 
+class MigrationConflictError(AuditError):
+    """The database's migration state forbids the requested migration.
+
+    Raised when audit_orm's standalone migrations meet tables they do not track:
+    managed by a host application's Alembic, or written by the original module
+    and not yet adopted. ``where`` names the table in question.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
 class AuditStorageError(AuditError):
     """The database refused or failed a statement.
 

@@ -1,18 +1,33 @@
-"""Run audit_orm's Alembic migrations from Python (no checkout needed).
+"""Run audit_orm's Alembic migrations, standalone or inside a host application.
 
-The revisions ship inside the package; :func:`alembic_config` points Alembic at
-them, and :func:`upgrade` runs them on an engine or connection.
+The revisions ship inside the package. Two ways to use them, one per database:
+
+* **standalone**: :func:`upgrade` (or ``audit-orm migrate``) runs them with
+  audit_orm's own environment; the applied revision is kept in
+  :data:`VERSION_TABLE`, apart from any version table of the application;
+* **inside a host application's Alembic**: the host lists
+  :func:`versions_location` in its ``version_locations``, runs
+  ``alembic upgrade heads``, and its own version table records audit_orm's
+  revisions next to its own. Its autogenerate then needs :func:`include_name`
+  so audit_orm's tables are never proposed for dropping or altering.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from audit_orm.errors import MigrationConflictError
+from audit_orm.models import Base
 
 #: The version table of standalone use, apart from a host application's own.
 VERSION_TABLE = "audit_orm_alembic_version"
@@ -47,7 +62,105 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
+def revision_ids() -> frozenset[str]:
+    """The id of every audit_orm revision."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in script.walk_revisions("base", "heads"))
+
+
+def owned_tables() -> frozenset[str]:
+    """The tables audit_orm creates, with its standalone version table."""
+    return frozenset(Base.metadata.tables) | {VERSION_TABLE}
+
+
+def include_name(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
+    """An ``include_name`` hook for a host application's Alembic environment.
+
+    It hides audit_orm's tables from the host's autogenerate, so a host whose
+    metadata does not describe them is never offered to drop or alter them.
+    Pass it as ``context.configure(include_name=audit_orm.migrate.include_name)``,
+    or call it from the host's own hook.
+    """
+    return not (type_ == "table" and name in owned_tables())
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """An ``include_object`` hook doing what :func:`include_name` does.
+
+    For environments that filter objects rather than names; indexes and
+    constraints of audit_orm's tables are hidden along with the tables.
+    """
+    if type_ == "table":
+        return name not in owned_tables()
+    table = getattr(obj, "table", None)
+    return getattr(table, "name", None) not in owned_tables()
+
+
+def _tracking_tables(connection: Connection) -> dict[str, list[str]]:
+    """Version tables other than ours that record an audit_orm revision."""
+    ours = revision_ids()
+    found: dict[str, list[str]] = {}
+    names = connection.execute(
+        text(
+            "SELECT table_name FROM information_schema.columns "
+            "WHERE column_name = 'version_num' AND table_schema = current_schema() "
+            "AND table_name <> :ours ORDER BY table_name"
+        ),
+        {"ours": VERSION_TABLE},
+    ).scalars()
+    for table in list(names):
+        quoted = connection.dialect.identifier_preparer.quote(table)
+        versions = connection.execute(text(f"SELECT version_num FROM {quoted}")).scalars()
+        mine = sorted(v for v in versions if v in ours)
+        if mine:
+            found[table] = mine
+    return found
+
+
+def check_standalone(connection: Connection) -> None:
+    """Refuse to run the standalone migrations where they would collide.
+
+    A database whose ``audit_events`` table is not recorded in
+    :data:`VERSION_TABLE` is managed some other way: by a host application's
+    Alembic (its version table holds audit_orm's revision), or it holds the
+    original module's table waiting to be adopted. Running the revisions there
+    would try to create the table a second time.
+
+    :raises MigrationConflictError: saying which of the two it is and what to run.
+    """
+    if not inspect(connection).has_table("audit_events"):
+        return
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    if context.get_current_heads():
+        return
+    tracking = _tracking_tables(connection)
+    if tracking:
+        table, revisions = next(iter(tracking.items()))
+        raise MigrationConflictError(
+            table,
+            f"audit_orm's revisions ({', '.join(revisions)}) are recorded in the version "
+            f"table {table!r} of the application's own Alembic environment; migrate with "
+            "that environment (alembic upgrade heads), not with audit_orm's standalone one",
+        )
+    raise MigrationConflictError(
+        "audit_events",
+        f"the table exists but no version table records an audit_orm revision; a table "
+        f"written by the original module is adopted with "
+        f"'alembic stamp 0001_seed_table' and then upgraded ({VERSION_TABLE} is created "
+        f"by the stamp)",
+    )
+
+
 def _run(connection: Connection, revision: str, action: str) -> None:
+    if action == "upgrade":
+        began = not connection.in_transaction()
+        check_standalone(connection)
+        if began:
+            # The check opened a transaction; end it so Alembic runs its own
+            # (a revision may then step out of it with an autocommit block).
+            connection.rollback()
     config = alembic_config()
     config.attributes["connection"] = connection
     if action == "upgrade":
@@ -57,7 +170,16 @@ def _run(connection: Connection, revision: str, action: str) -> None:
 
 
 async def upgrade(target: AsyncEngine | AsyncConnection, revision: str = "heads") -> None:
-    """Migrate the database of ``target`` to ``revision`` (default: the latest)."""
+    """Migrate the database of ``target`` to ``revision`` (default: the latest).
+
+    Given an engine, Alembic runs on a connection of its own and owns the
+    transaction, as a revision that commits part of its work needs (see the
+    README, "Adding an event type"). Given a connection already in a
+    transaction, every revision runs inside that transaction.
+
+    :raises MigrationConflictError: the database's audit_orm tables are managed by
+        a host application's Alembic, or are the original module's not yet adopted.
+    """
     await _on(target, revision, "upgrade")
 
 
@@ -68,15 +190,15 @@ async def downgrade(target: AsyncEngine | AsyncConnection, revision: str) -> Non
 
 async def _on(target: AsyncEngine | AsyncConnection, revision: str, action: str) -> None:
     if isinstance(target, AsyncEngine):
-        async with target.begin() as conn:
+        # A bare connection: Alembic's environment owns the transaction.
+        async with target.connect() as conn:
             await conn.run_sync(_run, revision, action)
+            await conn.commit()
     else:
         await target.run_sync(_run, revision, action)
 
 
-def current_heads(connection: Connection) -> Any:
-    """The revisions the database is at (for diagnostics)."""
-    from alembic.runtime.migration import MigrationContext
-
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+def current_heads(connection: Connection, version_table: str = VERSION_TABLE) -> tuple[str, ...]:
+    """The revisions recorded in ``version_table`` (empty when it is missing)."""
+    context = MigrationContext.configure(connection, opts={"version_table": version_table})
     return context.get_current_heads()

@@ -284,6 +284,14 @@ CLI_CASES = [
             "chunk_size", "0"),
     CliCase("replay attempts zero", ["replay", "s", "--attempts", "0"], InvalidInputError,
             "attempts", "0"),
+    CliCase("export since unparseable", ["export", "--since", "last week"], InvalidInputError,
+            "--since", "'last week'"),
+    CliCase("export order with SQL", ["export", "--order", "1=1"], InvalidIdError,
+            "--order", "'1=1'"),
+    CliCase("export event type with SQL", ["export", "--event-type", "order.filled'--"],
+            UnknownEventTypeError, "event_type", "order.filled'--"),
+    CliCase("export ticker with escapes", ["export", "--ticker", "A\x1b]0;x\x07"],
+            InvalidInputError, "ticker", "'A\\x1b]0;x\\x07'"),
     CliCase("replay a directory", ["replay", "{tmp}"], AuditSpoolError, "spool", "{tmp}"),
 ]
 URL_CASES = [

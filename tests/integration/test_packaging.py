@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from audit_orm import migrate
 from tests.dbutil import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +92,54 @@ async def test_installed_wheel_migrates_without_the_checkout(
         await engine.dispose()
     assert version is not None
     assert columns and columns >= 12
+
+
+async def test_host_application_finds_the_revisions_in_the_installed_package(
+    wheel: Path, empty_url: str, tmp_path: Path
+) -> None:
+    """The README's ``alembic.ini`` line for hosts: ``audit_orm:_migrations/versions``."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    hostapp = ROOT / "tests" / "hostapp"
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(
+        "[alembic]\n"
+        f"script_location = {hostapp / 'migrations'}\n"
+        "path_separator = space\n"
+        f"version_locations = {hostapp / 'migrations' / 'versions'} "
+        "audit_orm:_migrations/versions\n"
+    )
+    # The installed package first; the checkout only for the host application.
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+        "HOSTAPP_DATABASE_URL": empty_url,
+    }
+
+    def alembic(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(ini), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    heads = alembic("heads", "--verbose")
+    assert heads.returncode == 0, heads.stderr
+    assert str(site / "audit_orm" / "_migrations" / "versions") in heads.stdout
+    assert "Branch names: hostapp" in heads.stdout
+    (audit_head,) = ScriptDirectory.from_config(migrate.alembic_config()).get_heads()
+    assert f"Rev: {audit_head} (head)" in heads.stdout
+    done = alembic("upgrade", "heads")
+    assert done.returncode == 0, done.stderr
+    engine = create_async_engine(empty_url)
+    try:
+        async with engine.connect() as conn:
+            versions = set(
+                (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars()
+            )
+    finally:
+        await engine.dispose()
+    assert versions == {"h001_orders", audit_head}
