@@ -7,6 +7,7 @@ market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
 from audit_orm.besteffort import BestEffortRepository
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    AppendOnlyError,
     AuditError,
     AuditSpoolError,
     AuditStorageError,
@@ -17,21 +18,37 @@ from audit_orm.errors import (
     InvalidInputError,
     InvalidPayloadError,
     MigrationConflictError,
+    SealingError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
 )
 from audit_orm.export import export_events
-from audit_orm.models import AuditEvent, Base
+from audit_orm.grants import grant
+from audit_orm.models import AuditEvent, AuditSeal, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
 from audit_orm.repository import AuditRepository
 from audit_orm.retry import RetryPolicy
+from audit_orm.sealing import (
+    Digest,
+    Problem,
+    ProblemKind,
+    Progress,
+    SealInfo,
+    SealResult,
+    SealStatus,
+    VerifyReport,
+    digest,
+    seal,
+    verify,
+)
 from audit_orm.spool import ReplayReport, Spool, SpooledRecord, replay_spool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PAYLOAD_MODELS",
+    "AppendOnlyError",
     "AuditError",
     "AuditEvent",
     "AuditEventType",
@@ -39,26 +56,40 @@ __all__ = [
     "AuditPayload",
     "AuditRecord",
     "AuditRepository",
+    "AuditSeal",
     "AuditSpoolError",
     "AuditStorageError",
     "AuditTimeoutError",
     "AuditUnavailableError",
     "Base",
     "BestEffortRepository",
+    "Digest",
     "EntityType",
     "EventIdConflictError",
     "InvalidIdError",
     "InvalidInputError",
     "InvalidPayloadError",
     "MigrationConflictError",
+    "Problem",
+    "ProblemKind",
+    "Progress",
     "ReplayReport",
     "RetryPolicy",
+    "SealInfo",
+    "SealResult",
+    "SealStatus",
+    "SealingError",
     "Spool",
     "SpooledRecord",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
+    "VerifyReport",
     "__version__",
+    "digest",
     "export_events",
+    "grant",
     "replay_spool",
+    "seal",
     "validate_payload",
+    "verify",
 ]

@@ -22,7 +22,8 @@ What still raises, on purpose:
 * :class:`~audit_orm.errors.AuditSpoolError`: the database *and* the spool
   failed, so the event cannot be kept anywhere; raising is the only way not to
   lose it silently;
-* reads (trails, search, get): best effort concerns recording only.
+* reads (trails, search, get, and :meth:`~audit_orm.AuditRepository.correct`'s
+  lookup of the event it corrects): best effort concerns recording only.
 """
 
 from __future__ import annotations
@@ -30,15 +31,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from audit_orm.errors import DB_ERRORS, AuditSpoolError, AuditStorageError, translate_db_error
+from audit_orm.enums import AuditEventType, EntityType
+from audit_orm.errors import (
+    DB_ERRORS,
+    AuditSpoolError,
+    AuditStorageError,
+    InvalidInputError,
+    translate_db_error,
+)
+from audit_orm.payloads import AuditPayload
 from audit_orm.records import AuditRecord
-from audit_orm.repository import DEFAULT_MAX_PAYLOAD_BYTES, AuditRepository, PreparedEvent
+from audit_orm.repository import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    AuditRepository,
+    PreparedEvent,
+    prepare_event,
+)
 from audit_orm.spool import Spool
 
 logger = logging.getLogger("audit_orm.spool")
@@ -137,6 +154,51 @@ class BestEffortRepository(AuditRepository):
     ) -> None:
         super().__init__(session, max_payload_bytes=max_payload_bytes)
         self.spool = spool if isinstance(spool, Spool) else Spool(spool)
+
+    async def record(
+        self,
+        event_type: AuditEventType | str,
+        entity_type: EntityType | str,
+        entity_id: UUID | str,
+        data: AuditPayload | Mapping[str, Any],
+        *,
+        actor: str = "system",
+        occurred_at: datetime | str | None = None,
+        event_id: UUID | str | None = None,
+        recommendation_id: UUID | str | None = None,
+        order_id: UUID | str | None = None,
+        corrects: UUID | str | None = None,
+    ) -> AuditRecord:
+        """As :meth:`AuditRepository.record`; a database failure spools the event.
+
+        A correction's lookup of the event it corrects runs in a savepoint too;
+        if the database cannot answer it, the correction is spooled and replay
+        checks the reference instead.
+        """
+        prepared = prepare_event(
+            event_type,
+            entity_type,
+            entity_id,
+            data,
+            actor=actor,
+            occurred_at=occurred_at,
+            event_id=event_id,
+            recommendation_id=recommendation_id,
+            order_id=order_id,
+            corrects=corrects,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        if prepared.corrects_id is not None:
+            try:
+                async with self.session.begin_nested():
+                    found = await self.get(prepared.corrects_id)
+            except AuditStorageError as exc:
+                return await self._spool(prepared, exc)
+            except DB_ERRORS as exc:
+                return await self._spool(prepared, translate_db_error(exc, "looking up corrects"))
+            if found is None:
+                raise InvalidInputError("corrects", corrects, "no event with this id was recorded")
+        return await self.insert_prepared(prepared)
 
     async def insert_prepared(self, prepared: PreparedEvent) -> AuditRecord:
         """Insert inside a savepoint; on a database failure, spool the event instead."""

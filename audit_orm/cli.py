@@ -22,7 +22,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm import migrate
+from audit_orm import grants, migrate, sealing
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.errors import AuditError, InvalidInputError
@@ -96,6 +96,115 @@ async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
         where = f"line {problem.line}" if problem.line else f"event {problem.event_id}"
         print(f"  rejected {where}: {problem.reason}", file=out)
     return 0 if report.ok else 1
+
+
+def _progress_bar() -> TerminalProgress | None:
+    """A progress line on stderr, only when it is a terminal."""
+    return TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+
+
+def _feed(bar: TerminalProgress) -> sealing.ProgressCallback:
+    def show(progress: sealing.Progress) -> None:
+        bar(progress.done, progress.total)
+
+    return show
+
+
+def _seal_range(seals: Sequence[sealing.SealInfo]) -> str:
+    return f"seq {seals[0].first_seq}..{seals[-1].last_seq}"
+
+
+async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Seal every committed row that can no longer change."""
+    bar = _progress_bar()
+    try:
+        result = await sealing.seal(
+            engine,
+            block_size=args.block_size,
+            max_wait=args.max_wait,
+            progress=None if bar is None else _feed(bar),
+        )
+    finally:
+        if bar is not None:
+            bar.finish()
+    status = sealing.SealStatus
+    if result.status is status.SEALED:
+        print(
+            f"sealed {result.rows_sealed} rows in {len(result.seals)} seals "
+            f"({_seal_range(result.seals)}, {result.events_per_second:,.0f} events/s)",
+            file=out,
+        )
+    elif result.status is status.UP_TO_DATE:
+        print("up to date: every closed row is sealed", file=out)
+    elif result.status is status.BUSY:
+        print("another sealer is running; nothing done", file=out)
+    else:
+        pid = "" if result.blocking_pid is None else f" (pid {result.blocking_pid})"
+        print(
+            f"waiting: transaction {result.blocking_txid}{pid} is still open; nothing sealed",
+            file=out,
+        )
+    if result.head is not None:
+        print(f"head: seal {result.head.seal_no}, digest {result.head.digest}", file=out)
+    return 1 if result.status is status.WAITING else 0
+
+
+async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Recompute every hash, block root and seal link; name what does not hold."""
+    bar = _progress_bar()
+    try:
+        report = await sealing.verify(
+            engine,
+            digest=args.digest,
+            progress=None if bar is None else _feed(bar),
+            max_problems=args.max_problems,
+        )
+    finally:
+        if bar is not None:
+            bar.finish()
+    summary = (
+        f"{report.rows_checked} rows, {report.seals_checked} seals, "
+        f"{report.unsealed_rows} rows not sealed yet ({report.events_per_second:,.0f} events/s)"
+    )
+    if report.ok:
+        vouched = " digest matched;" if report.digest_matched else ""
+        print(f"ok:{vouched} {summary}", file=out)
+        return 0
+    print(f"FAILED: {report.problem_count} problems; {summary}", file=out)
+    for problem in report.problems:
+        print(f"  {problem}", file=out)
+    if report.problem_count > len(report.problems):
+        print(f"  ... and {report.problem_count - len(report.problems)} more", file=out)
+    return 1
+
+
+async def cmd_digest(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Print the latest seal's digest, to keep outside the database."""
+    found = await sealing.digest(engine)
+    if found is None:
+        print("audit-orm: no seals yet: run audit-orm seal first", file=sys.stderr)
+        return 1
+    print(found, file=out)
+    return 0
+
+
+async def cmd_grant(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Give writer, reader and sealer roles exactly their privileges."""
+    statements = await grants.grant(
+        engine, writer=args.writer, reader=args.reader, sealer=args.sealer
+    )
+    for statement in statements:
+        print(f"{statement};", file=out)
+    return 0
+
+
+def print_grant_sql(args: argparse.Namespace, out: TextIO) -> int:
+    """``grant --print-sql``: the statements, without touching a database."""
+    for statement in grants.grant_statements(
+        writer=args.writer, reader=args.reader, sealer=args.sealer
+    ):
+        print(f"{statement};", file=out)
+    return 0
 
 
 def parse_time(value: str | None, flag: str) -> datetime | None:
@@ -214,6 +323,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--attempts", type=int, default=5, metavar="N", help="tries per chunk (default: 5)"
     )
     p.set_defaults(handler=cmd_replay)
+
+    p = sub.add_parser("seal", help="seal committed rows into the hash chain")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=sealing.DEFAULT_BLOCK_SIZE,
+        help=f"rows per seal (default: {sealing.DEFAULT_BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=sealing.DEFAULT_MAX_WAIT,
+        help="seconds to wait for running writers (default: %(default)s)",
+    )
+    p.set_defaults(handler=cmd_seal)
+
+    p = sub.add_parser("verify", help="recompute every hash and check the seal chain")
+    p.add_argument("--digest", metavar="HEX", help="a digest printed earlier by `digest`")
+    p.add_argument(
+        "--max-problems",
+        type=int,
+        default=sealing.DEFAULT_MAX_PROBLEMS,
+        help="problems to list (all are counted; default: %(default)s)",
+    )
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("digest", help="print the latest seal's digest")
+    p.set_defaults(handler=cmd_digest)
+
+    p = sub.add_parser("grant", help="give roles writer, reader or sealer privileges")
+    p.add_argument("--writer", metavar="ROLE", help="may INSERT and SELECT events")
+    p.add_argument("--reader", metavar="ROLE", help="may SELECT only")
+    p.add_argument("--sealer", metavar="ROLE", help="may read events and add seals")
+    p.add_argument(
+        "--print-sql", action="store_true", help="print the statements instead of running them"
+    )
+    p.set_defaults(handler=cmd_grant)
     return parser
 
 
@@ -226,6 +372,8 @@ def _engine(url: str | None) -> AsyncEngine:
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
+    if getattr(args, "print_sql", False):
+        return print_grant_sql(args, out)
     engine = _engine(args.database_url)
     try:
         handler: Command = args.handler

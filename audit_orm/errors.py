@@ -121,6 +121,27 @@ def _sqlstate(exc: BaseException) -> str | None:
     return state if isinstance(state, str) else None
 
 
+class AppendOnlyError(AuditStorageError):
+    """The database refused to UPDATE, DELETE or TRUNCATE the audit trail.
+
+    The audit tables are append-only for every role; record a correction instead
+    (:meth:`~audit_orm.AuditRepository.correct`).
+    """
+
+
+class SealingError(AuditError):
+    """Sealing cannot go on safely; the message says what to fix.
+
+    Raised, for instance, when the ``seq`` sequence caches values (its numbers
+    would no longer be handed out in order) or when a row in a range about to be
+    sealed carries a number that was not drawn from the sequence.
+    """
+
+
+#: The SQLSTATE the append-only triggers raise.
+APPEND_ONLY_SQLSTATE = "AU001"
+
+
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 
@@ -133,6 +154,8 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     first = detail[0] if detail else type(exc).__name__
     state = _sqlstate(exc)
+    if state == APPEND_ONLY_SQLSTATE:
+        return AppendOnlyError(f"{action} failed: {first}")
     if state in _TIMEOUT_STATES:
         return AuditTimeoutError(f"{action} failed: {first}")
     if isinstance(exc, (OSError, TimeoutError)):

@@ -1,9 +1,12 @@
-"""The declarative models: :class:`Base` and :class:`AuditEvent`.
+"""The declarative models: :class:`Base`, :class:`AuditEvent` and :class:`AuditSeal`.
 
-The table is append-only by design. Order is given by ``seq``, a database
-identity that no client can set, never by a client clock; ``recorded_at`` is the
-database clock at insert (set by a trigger, so no client can forge it), and
-``occurred_at`` is the business time the caller reports.
+The tables are append-only, enforced by the database: UPDATE, DELETE and
+TRUNCATE fail for every role (migration ``0003_append_only_sealing``). Order is
+given by ``seq``, a database identity that no client can set, never by a client
+clock; ``recorded_at`` is the database clock at insert (set by a trigger, so no
+client can forge it), and ``occurred_at`` is the business time the caller
+reports. The same trigger stamps ``txid`` and ``row_hash``; the seals chain
+blocks of rows together (see :mod:`audit_orm.sealing`).
 """
 
 from __future__ import annotations
@@ -16,19 +19,24 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Identity,
     Index,
+    LargeBinary,
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import INT8MULTIRANGE, Range
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.jsonb import ExactJSONB
+from audit_orm.xid8 import XID8
 
 #: Constraint and index names. ``pk`` follows PostgreSQL's own default so a table
 #: created by hand before this package (``audit_events_pkey``) matches exactly.
@@ -83,6 +91,17 @@ class AuditEvent(Base):
     recommendation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     order_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     ticker: Mapped[str | None] = mapped_column(String(TICKER_MAX_LENGTH), nullable=True)
+    #: The transaction that wrote the row (set by the insert trigger).
+    txid: Mapped[int] = mapped_column(
+        XID8, nullable=False, server_default=text("pg_current_xact_id()")
+    )
+    #: Version byte + SHA-256 of the row's canonical encoding (see :mod:`audit_orm.hashing`),
+    #: computed by the insert trigger.
+    row_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    #: The event this one corrects; the corrected event itself is never changed.
+    corrects_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("audit_events.id"), nullable=True
+    )
 
     __table_args__ = (
         CheckConstraint(EVENT_TYPE_CHECK, name="event_type"),
@@ -90,6 +109,7 @@ class AuditEvent(Base):
         # Created NOT VALID by the migration: rows adopted from before the package
         # keep the actor they were written with; every new row is checked.
         CheckConstraint(f"length(actor) BETWEEN 1 AND {ACTOR_MAX_LENGTH}", name="actor_length"),
+        CheckConstraint("octet_length(row_hash) = 33", name="row_hash_length"),
         # Each trail query is served by one of these; partial indexes skip the
         # rows that carry no such id, which keeps their write cost down.
         Index(
@@ -114,10 +134,66 @@ class AuditEvent(Base):
         # Rows arrive in time order, so a BRIN index answers time ranges at a
         # tiny fraction of a B-tree's size and write cost.
         Index("ix_audit_events_recorded_at", "recorded_at", postgresql_using="brin"),
+        Index(
+            "ix_audit_events_corrects_id",
+            "corrects_id",
+            postgresql_where=text("corrects_id IS NOT NULL"),
+        ),
     )
 
     def __repr__(self) -> str:
         return (
             f"AuditEvent(seq={self.seq!r}, event_type={self.event_type!r}, "
             f"entity_type={self.entity_type!r}, entity_id={self.entity_id!r})"
+        )
+
+
+class AuditSeal(Base):
+    """One sealed block of audit rows, a link in the seal chain.
+
+    A seal covers every ``seq`` from ``first_seq`` to ``last_seq``: the rows
+    there, and the ``gaps`` (numbers no committed row holds: rolled-back or
+    refused inserts). ``merkle_root`` is taken over the rows' hashes in ``seq``
+    order, ``prev_hash`` is the previous seal's ``seal_hash`` and ``seal_hash``
+    covers all of it (see :mod:`audit_orm.hashing`). ``horizon_txid`` is the
+    transaction-id watermark that proved the range closed: every row in it was
+    written by an older transaction. ``cut_at`` is the database clock just
+    before the range was chosen, ``sealed_at`` when it was sealed.
+    """
+
+    __tablename__ = "audit_seals"
+
+    seal_no: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    first_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    row_count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    gaps: Mapped[list[Range[int]]] = mapped_column(
+        INT8MULTIRANGE, nullable=False, server_default=text("'{}'::int8multirange")
+    )
+    merkle_root: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    prev_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    seal_hash: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    horizon_txid: Mapped[int] = mapped_column(XID8, nullable=False)
+    cut_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    sealed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("seal_no >= 1", name="seal_no_positive"),
+        CheckConstraint(
+            "first_seq <= last_seq AND row_count BETWEEN 1 AND last_seq - first_seq + 1",
+            name="range",
+        ),
+        CheckConstraint(
+            "octet_length(merkle_root) = 33 AND octet_length(seal_hash) = 33 "
+            "AND (prev_hash IS NULL) = (seal_no = 1) "
+            "AND (prev_hash IS NULL OR octet_length(prev_hash) = 33)",
+            name="hashes",
+        ),
+        UniqueConstraint("seal_hash"),
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"AuditSeal(seal_no={self.seal_no!r}, first_seq={self.first_seq!r}, "
+            f"last_seq={self.last_seq!r}, row_count={self.row_count!r})"
         )

@@ -36,6 +36,8 @@ class AuditRecord:
     recommendation_id: UUID | None = None
     order_id: UUID | None = None
     ticker: str | None = None
+    #: The event this one corrects (see :meth:`~audit_orm.AuditRepository.correct`).
+    corrects_id: UUID | None = None
 
     @property
     def payload(self) -> AuditPayload:
@@ -64,6 +66,7 @@ class AuditRecord:
             "recommendation_id": _iso(self.recommendation_id),
             "order_id": _iso(self.order_id),
             "ticker": self.ticker,
+            "corrects_id": _iso(self.corrects_id),
         }
 
     def to_json(self) -> str:

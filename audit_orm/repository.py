@@ -59,6 +59,7 @@ RECORD_COLUMNS = (
     AuditEvent.recommendation_id,
     AuditEvent.order_id,
     AuditEvent.ticker,
+    AuditEvent.corrects_id,
 )
 
 
@@ -67,6 +68,7 @@ class RecordOptions(TypedDict, total=False):
 
     occurred_at: datetime | None
     event_id: UUID | str | None
+    corrects: UUID | str | None
 
 
 def coerce_entity_type(value: Any) -> EntityType:
@@ -137,6 +139,7 @@ class PreparedEvent:
     recommendation_id: UUID | None
     order_id: UUID | None
     ticker: str | None
+    corrects_id: UUID | None = None
 
     def row(self) -> dict[str, Any]:
         """The insert parameters (enum members as their string values)."""
@@ -151,6 +154,7 @@ class PreparedEvent:
             "recommendation_id": self.recommendation_id,
             "order_id": self.order_id,
             "ticker": self.ticker,
+            "corrects_id": self.corrects_id,
         }
 
 
@@ -165,6 +169,7 @@ def prepare_event(
     event_id: UUID | str | None = None,
     recommendation_id: UUID | str | None = None,
     order_id: UUID | str | None = None,
+    corrects: UUID | str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> PreparedEvent:
     """Validate everything about one event without touching the database.
@@ -193,8 +198,12 @@ def prepare_event(
     if ord_id is None:
         ord_id = coerce_optional_uuid(order_id, "order_id")
     ticker = getattr(payload, "ticker", None)
+    new_id = uuid7() if event_id is None else coerce_uuid(event_id, "event_id")
+    corrects_id = coerce_optional_uuid(corrects, "corrects")
+    if corrects_id == new_id:
+        raise InvalidInputError("corrects", corrects, "an event cannot correct itself")
     return PreparedEvent(
-        id=uuid7() if event_id is None else coerce_uuid(event_id, "event_id"),
+        id=new_id,
         event_type=kind,
         entity_type=entity,
         entity_id=entity_uuid,
@@ -204,6 +213,7 @@ def prepare_event(
         recommendation_id=rec_id,
         order_id=ord_id,
         ticker=ticker if isinstance(ticker, str) else None,
+        corrects_id=corrects_id,
     )
 
 
@@ -222,6 +232,7 @@ def record_from_row(row: Sequence[Any]) -> AuditRecord:
         recommendation_id=row[9],
         order_id=row[10],
         ticker=row[11],
+        corrects_id=row[12],
     )
 
 
@@ -390,6 +401,7 @@ class AuditRepository:
         event_id: UUID | str | None = None,
         recommendation_id: UUID | str | None = None,
         order_id: UUID | str | None = None,
+        corrects: UUID | str | None = None,
     ) -> AuditRecord:
         """Validate and write one event; return it as stored.
 
@@ -403,7 +415,9 @@ class AuditRepository:
             event again returns the stored one instead of adding a row.
         :param recommendation_id: link to a recommendation when the payload has none.
         :param order_id: link to an order when the entity is not the order.
-        :raises InvalidInputError: (or a subclass) before anything reaches the session.
+        :param corrects: the id of an earlier event this one corrects (see :meth:`correct`).
+        :raises InvalidInputError: (or a subclass) before anything reaches the session,
+            including when ``corrects`` names no recorded event.
         :raises EventIdConflictError: ``event_id`` exists with different content.
         :raises AuditStorageError: the database failed the statement.
         """
@@ -417,9 +431,62 @@ class AuditRepository:
             event_id=event_id,
             recommendation_id=recommendation_id,
             order_id=order_id,
+            corrects=corrects,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        if prepared.corrects_id is not None and await self.get(prepared.corrects_id) is None:
+            raise InvalidInputError("corrects", corrects, "no event with this id was recorded")
+        return await self.insert_prepared(prepared)
+
+    async def correct(
+        self,
+        original_event_id: UUID | str,
+        data: AuditPayload | Mapping[str, Any],
+        *,
+        actor: str = "system",
+        event_type: AuditEventType | str | None = None,
+        occurred_at: datetime | str | None = None,
+        event_id: UUID | str | None = None,
+    ) -> AuditRecord:
+        """Record a correction of an earlier event; the original stays as it was.
+
+        Audit rows are never changed (the database refuses UPDATE and DELETE).
+        A correction is a new event that references the one it corrects through
+        ``corrects_id``, so both stay readable and the trail shows who corrected
+        what, and when. It is about the same entity and has the original's event
+        type unless ``event_type`` says otherwise (a fill recorded as a
+        rejection, say); ``data`` is the corrected payload, validated as usual.
+        A correction may itself be corrected.
+
+        :param original_event_id: the event being corrected.
+        :raises InvalidInputError: ``original_event_id`` names no recorded event,
+            or the payload is invalid.
+        """
+        original = await self.get(original_event_id)
+        if original is None:
+            raise InvalidInputError(
+                "original_event_id", original_event_id, "no event with this id was recorded"
+            )
+        prepared = prepare_event(
+            original.event_type if event_type is None else event_type,
+            original.entity_type,
+            original.entity_id,
+            data,
+            actor=actor,
+            occurred_at=occurred_at,
+            event_id=event_id,
+            recommendation_id=original.recommendation_id,
+            order_id=original.order_id,
+            corrects=original.id,
             max_payload_bytes=self.max_payload_bytes,
         )
         return await self.insert_prepared(prepared)
+
+    async def corrections(self, event_id: UUID | str) -> list[AuditRecord]:
+        """The events that correct ``event_id`` directly, in recorded order."""
+        eid = coerce_uuid(event_id, "event_id")
+        stmt = select(*RECORD_COLUMNS).where(AuditEvent.corrects_id == eid).order_by(AuditEvent.seq)
+        return await self._fetch(stmt, "corrections")
 
     async def insert_prepared(self, prepared: PreparedEvent) -> AuditRecord:
         """Insert an event validated by :func:`prepare_event` (idempotent by id)."""
@@ -448,6 +515,7 @@ class AuditRepository:
             recommendation_id=prepared.recommendation_id,
             order_id=prepared.order_id,
             ticker=prepared.ticker,
+            corrects_id=prepared.corrects_id,
         )
 
     async def _existing(self, prepared: PreparedEvent) -> AuditRecord:
@@ -462,6 +530,7 @@ class AuditRepository:
             # Compare as the database returns it: a float such as a confidence
             # of 0.9 reads back as Decimal('0.9'), which != 0.9 in Python.
             and stored.data == loads_exact(dumps_exact(prepared.data))
+            and stored.corrects_id == prepared.corrects_id
             and (prepared.occurred_at is None or stored.occurred_at == prepared.occurred_at)
         )
         if not same:

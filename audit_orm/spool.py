@@ -110,6 +110,7 @@ def event_fields(prepared: PreparedEvent) -> dict[str, Any]:
         "recommendation_id": _text(prepared.recommendation_id),
         "order_id": _text(prepared.order_id),
         "ticker": prepared.ticker,
+        "corrects_id": _text(prepared.corrects_id),
     }
 
 
@@ -213,6 +214,7 @@ class Spool:
             recommendation_id=prepared.recommendation_id,
             order_id=prepared.order_id,
             ticker=prepared.ticker,
+            corrects_id=prepared.corrects_id,
             error=error,
             spool=str(self.path),
         )
@@ -379,6 +381,7 @@ def prepare_spooled(record: dict[str, Any], max_payload_bytes: int) -> PreparedE
         event_id=event.get("id"),
         recommendation_id=event.get("recommendation_id"),
         order_id=event.get("order_id"),
+        corrects=event.get("corrects_id"),
         max_payload_bytes=max_payload_bytes,
     )
     if str(prepared.id) != record.get("event_id"):
@@ -451,6 +454,13 @@ async def _write_chunk(
             )
             repo = AuditRepository(session)
             for line_no, raw, prepared in chunk:
+                if (
+                    prepared.corrects_id is not None
+                    and await repo.get(prepared.corrects_id) is None
+                ):
+                    reason = f"corrects: no event {prepared.corrects_id} was recorded"
+                    result.rejected.append(SpoolProblem(line_no, reason, raw, str(prepared.id)))
+                    continue
                 try:
                     async with session.begin_nested():
                         await repo.insert_prepared(prepared)

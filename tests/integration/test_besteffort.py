@@ -218,3 +218,47 @@ async def test_spool_lines_carry_the_error(db: AsyncEngine, spool_path: Path) ->
     parsed = json.loads(line)
     assert parsed["error"] == record.error
     assert parsed["event"]["data"]["fill_price"] == 150.25
+
+
+async def test_correction_whose_lookup_fails_is_spooled(db: AsyncEngine, spool_path: Path) -> None:
+    order = uuid.uuid4()
+    async with session_factory(db)() as session, session.begin():
+        original = await AuditRepository(session).order_accepted(order, "X", "B-WRONG")
+    async with (
+        audit_table_locked(db, "ACCESS EXCLUSIVE"),
+        session_factory(db)() as session,
+    ):
+        audit = BestEffortRepository(session, spool_path)
+        await set_timeout(session, "lock_timeout", "100ms")
+        await session.execute(insert(positions).values(order_id=order, ticker="X", quantity=1))
+        fix = await audit.record(
+            "order.accepted",
+            "order",
+            order,
+            {"ticker": "X", "broker_order_id": "B-1"},
+            corrects=original.id,
+        )
+        assert isinstance(fix, SpooledRecord)
+        assert fix.corrects_id == original.id
+        await session.commit()  # the lookup failed in its savepoint; the business change commits
+    assert await position_of(db, order) is not None
+    assert (await replay_spool(spool_path, db)).written == 1
+    async with session_factory(db)() as session:
+        stored = await AuditRepository(session).get(fix.id)
+    assert stored is not None
+    assert stored.corrects_id == original.id
+
+
+async def test_correction_of_nothing_still_raises(db: AsyncEngine, spool_path: Path) -> None:
+    async with session_factory(db)() as session:
+        audit = BestEffortRepository(session, spool_path)
+        with pytest.raises(InvalidInputError) as info:
+            await audit.record(
+                "order.accepted",
+                "order",
+                uuid.uuid4(),
+                {"ticker": "X", "broker_order_id": "B"},
+                corrects=uuid.uuid4(),
+            )
+    assert info.value.field == "corrects"
+    assert not await asyncio.to_thread(spool_path.exists)

@@ -96,7 +96,12 @@ async def test_upgrade_heads_creates_both_sets_of_tables(
     async with scratch_database(admin_url) as (_, host_engine):
         await host(host_engine, "upgrade", "heads")
 
-        assert await tables(host_engine) == {"orders", "audit_events", "alembic_version"}
+        assert await tables(host_engine) == {
+            "orders",
+            "audit_events",
+            "audit_seals",
+            "alembic_version",
+        }
         # One version table holds both branches; audit_orm's own is never created.
         assert await versions(host_engine, "alembic_version") == {HOST_HEAD, _audit_orm_head()}
         # The host's naming convention does not leak into audit_orm's names: they
@@ -148,7 +153,7 @@ async def test_host_autogenerate_proposes_nothing(admin_url: str) -> None:
 
 
 def test_include_hooks_hide_only_audit_orm_tables() -> None:
-    for name in ("audit_events", migrate.VERSION_TABLE):
+    for name in ("audit_events", "audit_seals", migrate.VERSION_TABLE):
         assert not migrate.include_name(name, "table", {"schema_name": None})
     assert migrate.include_name("orders", "table", {"schema_name": None})
     # A column or index named like a table is not a table.
@@ -251,7 +256,7 @@ async def test_host_mode_on_a_standalone_database_fails_whole(admin_url: str) ->
         await migrate.upgrade(db)
         with pytest.raises(DBAPIError, match="already exists"):
             await host(db, "upgrade", "heads")
-        assert await tables(db) == {"audit_events", migrate.VERSION_TABLE}
+        assert await tables(db) == {"audit_events", "audit_seals", migrate.VERSION_TABLE}
 
 
 async def test_moving_a_standalone_database_under_the_host(admin_url: str) -> None:
@@ -276,6 +281,6 @@ async def test_moving_a_standalone_database_under_the_host(admin_url: str) -> No
         await host(db, "check")
 
         assert await versions(db, "alembic_version") == {HOST_HEAD, _audit_orm_head()}
-        assert await tables(db) == {"orders", "audit_events", "alembic_version"}
+        assert await tables(db) == {"orders", "audit_events", "audit_seals", "alembic_version"}
         async with AsyncSession(db) as session:
             assert await AuditRepository(session).get(kept.id) == kept

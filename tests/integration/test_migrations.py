@@ -116,7 +116,7 @@ async def test_upgrade_downgrade_upgrade(admin_url: str) -> None:
     async with scratch_database(admin_url) as (_, engine):
         await migrate.upgrade(engine)
         state = await _state(engine)
-        assert state["tables"] == {"audit_events"}
+        assert state["tables"] == {"audit_events", "audit_seals"}
         assert "audit_events_before_insert" in state["functions"]
         assert state["versions"] == [_head()]
 

@@ -120,7 +120,7 @@ async def big_table(admin_url: str) -> AsyncIterator[BigTable]:
                     )
                 )
             ).all()
-            assert len(definitions) == 5
+            assert len(definitions) == 6
             for name, _ in definitions:
                 await conn.execute(text(f'DROP INDEX "{name}"'))
             await conn.execute(text(FILL))

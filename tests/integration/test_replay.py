@@ -191,6 +191,17 @@ async def test_unusable_lines_are_kept_and_reported(db: AsyncEngine, tmp_path: P
     record = json.loads(path.read_text().splitlines()[0])
     record["event_id"] = record["event"]["id"] = str(uuid.uuid4())
     record["event"]["data"]["fill_price"] = "NaN"
+    # A correction of an event that was never recorded.
+    spool.append_event(
+        prepare_event(
+            "order.accepted",
+            "order",
+            uuid.uuid4(),
+            {"ticker": "X", "broker_order_id": "B"},
+            corrects=uuid.uuid4(),
+        ),
+        "x",
+    )
     # A void for an event that is not in the spool, then a torn last line.
     orphan = uuid.uuid4()
     spool.append_voids([orphan], "rolled back")
@@ -202,16 +213,17 @@ async def test_unusable_lines_are_kept_and_reported(db: AsyncEngine, tmp_path: P
     assert report.written == 2
     assert not report.ok
     reasons = sorted(p.reason.split(":")[0] for p in report.rejected)
-    assert len(reasons) == 4, reasons
+    assert len(reasons) == 5, reasons
     text = " | ".join(p.reason for p in report.rejected)
     assert "already recorded with different content" in text
     assert "data.fill_price" in text
     assert "torn final line" in text
     assert "void for an event that is not in this spool" in text
+    assert "corrects: no event" in text
     rejected_file = path.with_name(path.name + REJECTED_SUFFIX)
     assert report.rejected_file == str(rejected_file)
     kept = [json.loads(line) for line in rejected_file.read_text().splitlines()]
-    assert len(kept) == 4
+    assert len(kept) == 5
     assert {k["event_id"] for k in kept} >= {str(taken.id), str(orphan), record["event_id"]}
     assert any(k["raw"].startswith('{"spool_format": 1, "kind": "event"') for k in kept)
     assert not path.exists()

@@ -68,6 +68,7 @@ def test_an_event_line_is_self_describing_and_exact(tmp_path: Path) -> None:
         "recommendation_id",
         "order_id",
         "ticker",
+        "corrects_id",
     }
     assert b'"fill_price":150.250' in raw
     assert b'"fill_quantity":1E-8' in raw

@@ -1,0 +1,110 @@
+"""Database roles for the audit trail: writers, readers and the sealer.
+
+The tables refuse UPDATE, DELETE and TRUNCATE for everyone (triggers), but
+privileges are the first line: an application's writer role gets INSERT and
+SELECT on the events and nothing else, a reader SELECT only, and only the
+sealer may add seals. Run :func:`grant` (or ``audit-orm grant``) as the tables'
+owner; :func:`grant_statements` gives the same SQL to review or apply by hand.
+
+Writers need no privilege on the ``seq`` sequence: an identity column draws its
+number under the table's INSERT privilege. The sealer reads the sequence's last
+value, so it gets SELECT on it. Roles also need USAGE on the tables' schema when
+that is not ``public``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit_orm.errors import InvalidInputError, translate_db_error
+
+_TABLES = "audit_events, audit_seals"
+_NAME_MAX_BYTES = 63
+
+
+def quote_role(role: str, field: str) -> str:
+    """``role`` as a quoted SQL identifier, after checking it is a plausible name."""
+    if not isinstance(role, str) or not role or role.isspace():
+        raise InvalidInputError(field, role, "must be a role name")
+    if "\x00" in role or len(role.encode()) > _NAME_MAX_BYTES:
+        raise InvalidInputError(field, role, "is not a valid PostgreSQL role name")
+    if role.lower() == "public":
+        raise InvalidInputError(field, role, "must be a role, not PUBLIC")
+    return '"' + role.replace('"', '""') + '"'
+
+
+def grant_statements(
+    *,
+    writer: str | None = None,
+    reader: str | None = None,
+    sealer: str | None = None,
+    sequence: str = "audit_events_seq_seq",
+) -> list[str]:
+    """The SQL that gives each role exactly its privileges (and revokes any others)."""
+    if writer is None and reader is None and sealer is None:
+        raise InvalidInputError("roles", None, "name at least one of writer, reader and sealer")
+    statements: list[str] = []
+    if writer is not None:
+        role = quote_role(writer, "writer")
+        statements += [
+            f"REVOKE ALL ON {_TABLES} FROM {role}",
+            f"GRANT SELECT, INSERT ON audit_events TO {role}",
+            f"GRANT SELECT ON audit_seals TO {role}",
+        ]
+    if reader is not None:
+        role = quote_role(reader, "reader")
+        statements += [
+            f"REVOKE ALL ON {_TABLES} FROM {role}",
+            f"GRANT SELECT ON {_TABLES} TO {role}",
+        ]
+    if sealer is not None:
+        role = quote_role(sealer, "sealer")
+        statements += [
+            f"REVOKE ALL ON {_TABLES} FROM {role}",
+            f"GRANT SELECT ON audit_events TO {role}",
+            f"GRANT SELECT, INSERT ON audit_seals TO {role}",
+            f"GRANT SELECT ON SEQUENCE {sequence} TO {role}",
+        ]
+    return statements
+
+
+async def grant(
+    engine: AsyncEngine,
+    *,
+    writer: str | None = None,
+    reader: str | None = None,
+    sealer: str | None = None,
+) -> list[str]:
+    """Give the roles their privileges, in one transaction; return the SQL run.
+
+    :raises InvalidInputError: no role given, or a role that does not exist.
+    :raises AuditStorageError: the database refused (not run as the tables' owner?).
+    """
+    roles = {"writer": writer, "reader": reader, "sealer": sealer}
+    grant_statements(writer=writer, reader=reader, sealer=sealer)
+    try:
+        async with engine.begin() as conn:
+            for field, role in roles.items():
+                if role is None:
+                    continue
+                exists = await conn.scalar(
+                    text("SELECT 1 FROM pg_roles WHERE rolname = :name"), {"name": role}
+                )
+                if exists is None:
+                    raise InvalidInputError(field, role, "no such role")
+            sequence = await conn.scalar(
+                text("SELECT pg_get_serial_sequence('audit_events', 'seq')")
+            )
+            statements = grant_statements(
+                writer=writer,
+                reader=reader,
+                sealer=sealer,
+                sequence=str(sequence or "audit_events_seq_seq"),
+            )
+            for statement in statements:
+                await conn.execute(text(statement))
+    except SQLAlchemyError as exc:
+        raise translate_db_error(exc, "granting privileges") from exc
+    return statements
