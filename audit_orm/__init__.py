@@ -4,11 +4,14 @@ An append-only record of every step from a trading recommendation to its
 market outcome, as an SQLAlchemy 2.x async ORM layer on PostgreSQL.
 """
 
+from audit_orm.besteffort import BestEffortRepository
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     AppendOnlyError,
     AuditError,
+    AuditSpoolError,
     AuditStorageError,
+    AuditTimeoutError,
     AuditUnavailableError,
     EventIdConflictError,
     InvalidIdError,
@@ -26,6 +29,7 @@ from audit_orm.models import AuditEvent, AuditSeal, Base
 from audit_orm.payloads import PAYLOAD_MODELS, AuditPayload, validate_payload
 from audit_orm.records import AuditPage, AuditRecord
 from audit_orm.repository import AuditRepository, EventSpec
+from audit_orm.retry import RetryPolicy
 from audit_orm.sealing import (
     Digest,
     Problem,
@@ -39,6 +43,7 @@ from audit_orm.sealing import (
     seal,
     verify,
 )
+from audit_orm.spool import ReplayReport, Spool, SpooledRecord, replay_spool
 from audit_orm.writer import AuditWriter
 
 __version__ = "0.1.0"
@@ -54,10 +59,13 @@ __all__ = [
     "AuditRecord",
     "AuditRepository",
     "AuditSeal",
+    "AuditSpoolError",
     "AuditStorageError",
+    "AuditTimeoutError",
     "AuditUnavailableError",
     "AuditWriter",
     "Base",
+    "BestEffortRepository",
     "Digest",
     "EntityType",
     "EventIdConflictError",
@@ -69,10 +77,14 @@ __all__ = [
     "Problem",
     "ProblemKind",
     "Progress",
+    "ReplayReport",
+    "RetryPolicy",
     "SealInfo",
     "SealResult",
     "SealStatus",
     "SealingError",
+    "Spool",
+    "SpooledRecord",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
     "VerifyReport",
@@ -81,6 +93,7 @@ __all__ = [
     "digest",
     "export_events",
     "grant",
+    "replay_spool",
     "seal",
     "validate_payload",
     "verify",

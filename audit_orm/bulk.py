@@ -35,11 +35,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from audit_orm.enums import AuditEventType, EntityType
-from audit_orm.errors import EventIdConflictError, translate_db_error
+from audit_orm.errors import DB_ERRORS, EventIdConflictError, translate_db_error
 from audit_orm.jsonb import loads_exact
 from audit_orm.records import AuditRecord
 
@@ -154,7 +154,9 @@ def same_event(stored: AuditRecord, event: PreparedEvent) -> bool:
         and stored.entity_type is event.entity_type
         and stored.entity_id == event.entity_id
         and stored.actor == event.actor
-        and stored.data == event.data
+        # As the database returns it: a float such as a confidence of 0.9
+        # reads back as Decimal('0.9'), which != 0.9 in Python.
+        and stored.data == loads_exact(event.json_text())
         and stored.corrects_id == event.corrects_id
         and (event.occurred_at is None or stored.occurred_at == event.occurred_at)
     )
@@ -185,10 +187,34 @@ class _Link:
 
     async def fetch(self, sql: str, *params: Any) -> Sequence[Sequence[Any]]:
         if self.driver is not None:
-            rows: Sequence[Sequence[Any]] = await self.driver.fetch(sql, *params)
-            return rows
+            return await driver_fetch(self.conn, self.driver, sql, *params)
         result = await self.conn.exec_driver_sql(sql, params)
         return result.all()
+
+
+async def driver_fetch(
+    conn: AsyncConnection, driver: Any, sql: str, *params: Any
+) -> Sequence[Sequence[Any]]:
+    """Run ``sql`` on the driver connection under ``conn``, as SQLAlchemy would fail.
+
+    A statement that SQLAlchemy runs and that finds its connection gone makes
+    SQLAlchemy invalidate the connection, so the session can roll back and go
+    on with a new one. Past SQLAlchemy that is done here.
+    """
+    try:
+        rows: Sequence[Sequence[Any]] = await driver.fetch(sql, *params)
+    except Exception as exc:
+        await _check_connection(conn, driver, exc)
+        raise
+    return rows
+
+
+async def _check_connection(conn: AsyncConnection, driver: Any, exc: Exception) -> None:
+    """After a driver error: if the connection is gone, invalidate it and say so."""
+    if not driver.is_closed():
+        return
+    await conn.invalidate(exc)
+    raise DisconnectionError(f"the connection was lost: {exc}") from exc
 
 
 async def _link(conn: AsyncConnection) -> _Link:
@@ -389,9 +415,7 @@ _UNIQUE_VIOLATION = "23505"
 
 def from_database(exc: BaseException) -> bool:
     """Whether ``exc`` comes from the database or the driver (raw COPY errors included)."""
-    return isinstance(exc, (SQLAlchemyError, OSError, TimeoutError)) or type(
-        exc
-    ).__module__.startswith("asyncpg")
+    return isinstance(exc, DB_ERRORS) or type(exc).__module__.startswith("asyncpg")
 
 
 async def _copy(
@@ -406,18 +430,14 @@ async def _copy(
     try:
         if link.autocommit:
             # Outside a transaction block the COPY is a transaction of its own.
-            await copier.copy_records_to_table(
-                "audit_events", records=values, columns=INSERT_COLUMNS
-            )
+            await _copy_in(link.conn, copier, values)
         else:
             # The savepoint confines a failed COPY (an id stored meanwhile by
             # another transaction) so the caller's transaction survives the
             # fallback; issuing it also makes the driver begin the transaction
             # before the COPY runs, should nothing have been sent yet.
             async with link.conn.begin_nested():
-                await copier.copy_records_to_table(
-                    "audit_events", records=values, columns=INSERT_COLUMNS
-                )
+                await _copy_in(link.conn, copier, values)
     except Exception as exc:
         if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
             raise
@@ -427,8 +447,16 @@ async def _copy(
     # The transaction has begun by now, so the driver takes this directly:
     # for a hundred thousand rows SQLAlchemy's result layer would cost more
     # than the lookup itself.
-    rows = await copier.fetch(SELECT_KEYS_SQL, [event.id for event in events])
+    rows = await driver_fetch(link.conn, copier, SELECT_KEYS_SQL, [event.id for event in events])
     keys = {row[0]: (row[1], row[2], row[3]) for row in rows}
     return {
         event.id: written_record(event, *keys[event.id]) for event in events if event.id in keys
     }
+
+
+async def _copy_in(conn: AsyncConnection, copier: Any, values: list[tuple[Any, ...]]) -> None:
+    try:
+        await copier.copy_records_to_table("audit_events", records=values, columns=INSERT_COLUMNS)
+    except Exception as exc:
+        await _check_connection(conn, copier, exc)
+        raise

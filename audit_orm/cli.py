@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -17,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm import grants, migrate, sealing
@@ -26,6 +29,8 @@ from audit_orm.errors import AuditError, InvalidInputError
 from audit_orm.export import FORMATS, TerminalProgress, export_events
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
 from audit_orm.repository import AuditRepository
+from audit_orm.retry import RetryPolicy
+from audit_orm.spool import ReplayInterruptedError, replay_spool
 from audit_orm.timeline import render_timeline
 
 #: A subcommand: receives the parsed arguments, an engine and the output stream.
@@ -34,7 +39,13 @@ Command = Callable[[argparse.Namespace, AsyncEngine, TextIO], Awaitable[int]]
 
 async def cmd_migrate(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Bring the database schema to the latest revision."""
-    await migrate.upgrade(engine, args.revision)
+    revision = args.revision
+    if not revision or not revision.isprintable():
+        raise InvalidInputError("--revision", revision, "must be a revision id")
+    try:
+        await migrate.upgrade(engine, revision)
+    except CommandError as exc:
+        raise InvalidInputError("--revision", revision, "is not a known revision") from exc
     print(f"database migrated to {args.revision}", file=out)
     return 0
 
@@ -67,6 +78,24 @@ async def cmd_demo(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -
     print(render_timeline(trail), file=out)
     print(f"\nTry: audit-orm trail {ids['short']}", file=out)
     return 0
+
+
+async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
+    """Write a best-effort spool's events to the database; exit 1 if any were rejected."""
+    policy = RetryPolicy(attempts=args.attempts)
+    try:
+        report = await replay_spool(args.spool, engine, chunk_size=args.chunk_size, retry=policy)
+    except ReplayInterruptedError as exc:
+        print(f"replay interrupted: {exc.report.summary()}", file=out)
+        raise
+    if not report.records and not report.rejected:
+        print(f"nothing to replay in {report.spool}", file=out)
+        return 0
+    print(report.summary(), file=out)
+    for problem in report.rejected:
+        where = f"line {problem.line}" if problem.line else f"event {problem.event_id}"
+        print(f"  rejected {where}: {problem.reason}", file=out)
+    return 0 if report.ok else 1
 
 
 def _progress_bar() -> TerminalProgress | None:
@@ -285,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="record sample chains and show a trail")
     p.set_defaults(handler=cmd_demo)
 
+    p = sub.add_parser("replay", help="write a best-effort spool's events to the database")
+    p.add_argument("spool", metavar="SPOOL", help="the spool file")
+    p.add_argument(
+        "--chunk-size", type=int, default=500, metavar="N", help="events per transaction"
+    )
+    p.add_argument(
+        "--attempts", type=int, default=5, metavar="N", help="tries per chunk (default: 5)"
+    )
+    p.set_defaults(handler=cmd_replay)
+
     p = sub.add_parser("seal", help="seal committed rows into the hash chain")
     p.add_argument(
         "--block-size",
@@ -324,10 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine(url: str | None) -> AsyncEngine:
+    try:
+        return create_engine(url)
+    except (ValueError, ArgumentError) as exc:
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
+        raise InvalidInputError("--database-url", shown, f"is not a usable URL: {exc}") from None
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     if getattr(args, "print_sql", False):
         return print_grant_sql(args, out)
-    engine = create_engine(args.database_url)
+    engine = _engine(args.database_url)
     try:
         handler: Command = args.handler
         return await handler(args, engine, out)

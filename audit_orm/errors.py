@@ -86,7 +86,39 @@ class AuditStorageError(AuditError):
 
 
 class AuditUnavailableError(AuditStorageError):
-    """The database could not be reached (connection refused, lost or timed out)."""
+    """The database could not be reached (connection refused, lost or timed out).
+
+    The condition is transient: the same write may succeed later, which is why
+    retries (see :mod:`audit_orm.retry`) and the best-effort spool act on this
+    class only.
+    """
+
+
+class AuditTimeoutError(AuditUnavailableError):
+    """A statement or lock wait exceeded its time limit (``statement_timeout``,
+    ``lock_timeout``) and was cancelled by the server; nothing it did remains."""
+
+
+class AuditSpoolError(AuditStorageError):
+    """The local spool could not be written or read.
+
+    Raised by best-effort recording only when the database *and* the spool both
+    failed: the event could not be kept anywhere, and saying so is the only
+    alternative to losing it silently.
+    """
+
+
+#: SQLSTATEs of a cancelled statement: query_canceled (statement_timeout),
+#: lock_not_available (lock_timeout, NOWAIT), idle-in-transaction timeout.
+_TIMEOUT_STATES = frozenset({"57014", "55P03", "25P03"})
+#: SQLSTATEs of a server that is going away or not accepting connections yet:
+#: admin/crash shutdown, cannot_connect_now, too_many_connections.
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 class AppendOnlyError(AuditStorageError):
@@ -117,16 +149,36 @@ APPEND_ONLY_SQLSTATE = "AU001"
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 
+    Connection failures (refused, lost, a server shutting down) become
+    :class:`AuditUnavailableError`, server-side timeouts
+    :class:`AuditTimeoutError`, anything else :class:`AuditStorageError`.
     Callers ``raise translate_db_error(exc, "...") from exc`` so the cause stays
     attached for debugging.
     """
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    message = f"{action} failed: {detail[0] if detail else type(exc).__name__}"
-    sqlstate = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
-    if sqlstate == APPEND_ONLY_SQLSTATE:
-        return AppendOnlyError(message)
-    if isinstance(exc, (sa_exc.DisconnectionError, ConnectionError, OSError, TimeoutError)) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    first = detail[0] if detail else type(exc).__name__
+    state = _sqlstate(exc)
+    if state == APPEND_ONLY_SQLSTATE:
+        return AppendOnlyError(f"{action} failed: {first}")
+    if state in _TIMEOUT_STATES:
+        return AuditTimeoutError(f"{action} failed: {first}")
+    if isinstance(exc, (OSError, TimeoutError)):
+        return AuditUnavailableError(
+            f"{action} failed: database unreachable ({type(exc).__name__}: {first})"
+        )
+    if (
+        isinstance(exc, (sa_exc.DisconnectionError, ConnectionError))
+        or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
+        or state in _UNAVAILABLE_STATES
+        or (state is not None and state.startswith("08"))
     ):
-        return AuditUnavailableError(message)
-    return AuditStorageError(message)
+        # The driver's own words for a dropped connection can be obscure
+        # ("cannot switch to state 11"); say what happened first.
+        return AuditUnavailableError(f"{action} failed: connection lost ({first})")
+    return AuditStorageError(f"{action} failed: {first}")
+
+
+#: What a database call can raise besides SQLAlchemy's own errors: asyncpg
+#: raises :class:`OSError` (refused, no such socket) and :class:`TimeoutError`
+#: while connecting, before SQLAlchemy wraps anything.
+DB_ERRORS: tuple[type[BaseException], ...] = (sa_exc.SQLAlchemyError, OSError, TimeoutError)

@@ -39,9 +39,31 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _no_control(value: str) -> str:
+    _no_nul(value)
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+        raise ValueError("control characters are not allowed in a symbol or label")
+    return value
+
+
+#: Digits an amount may have on either side of the decimal point. PostgreSQL's
+#: numeric allows more, but stores them written out: ``1E+100000`` would be a
+#: 100 kB row from 9 bytes of JSON, and past 16383 decimals an INSERT fails.
+AMOUNT_MAX_DIGITS = 1000
+
+
 def _finite(value: Decimal) -> Decimal:
     if not value.is_finite():
         raise ValueError("must be a finite number")
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if -exponent > AMOUNT_MAX_DIGITS or value.adjusted() >= AMOUNT_MAX_DIGITS:
+        raise ValueError(
+            f"must have at most {AMOUNT_MAX_DIGITS} digits before and after the decimal point"
+        )
+    if value.is_zero() and value.is_signed():
+        # PostgreSQL has no negative zero; store what it will read back.
+        value = value.copy_negate()
     return value
 
 
@@ -54,9 +76,9 @@ def _finite_float(value: float) -> float:
 #: Free text: any Unicode except NUL.
 Text = Annotated[str, AfterValidator(_no_nul)]
 #: A short label such as a side, a mode or an order type.
-Label = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_nul)]
+Label = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_control)]
 #: An instrument symbol.
-Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_nul)]
+Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_control)]
 #: An exact, finite decimal amount (price, quantity, value).
 Amount = Annotated[Decimal, AfterValidator(_finite)]
 #: A finite float (scores such as a confidence).

@@ -17,12 +17,12 @@ from uuid import UUID
 
 from sqlalchemy import ColumnElement, Select, Uuid, and_, any_, bindparam, func, select, union
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit_orm import bulk
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    DB_ERRORS,
     EventIdConflictError,
     InvalidInputError,
     InvalidPayloadError,
@@ -31,7 +31,7 @@ from audit_orm.errors import (
 )
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid, uuid7
 from audit_orm.jsonb import JSONText, dumps_exact
-from audit_orm.models import ACTOR_MAX_LENGTH, AuditEvent
+from audit_orm.models import ACTOR_MAX_LENGTH, TICKER_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
     AuditPayload,
     PositionChangePayload,
@@ -105,6 +105,17 @@ def check_actor(actor: Any) -> str:
     if _CONTROL_CHARS.search(actor):
         raise InvalidInputError("actor", actor, "must not contain control characters")
     return actor
+
+
+def check_ticker(ticker: Any) -> str:
+    """Validate a ticker filter: what a payload's ticker may be, nothing else."""
+    if not isinstance(ticker, str) or not ticker or len(ticker) > TICKER_MAX_LENGTH:
+        raise InvalidInputError(
+            "ticker", ticker, f"must be a string of 1 to {TICKER_MAX_LENGTH} characters"
+        )
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in ticker):
+        raise InvalidInputError("ticker", ticker, "must not contain control characters")
+    return ticker
 
 
 def check_timestamp(value: Any, field: str) -> datetime:
@@ -399,9 +410,7 @@ def _search_filters(
     if actor is not None:
         filters.append(AuditEvent.actor == check_actor(actor))
     if ticker is not None:
-        if not isinstance(ticker, str) or not ticker or "\x00" in ticker:
-            raise InvalidInputError("ticker", ticker, "must be a non-empty string without NUL")
-        filters.append(AuditEvent.ticker == ticker)
+        filters.append(AuditEvent.ticker == check_ticker(ticker))
     if order_id is not None:
         filters.append(AuditEvent.order_id == coerce_uuid(order_id, "order_id"))
     if recommendation_id is not None:
@@ -689,7 +698,7 @@ class AuditRepository:
             if inserted is not None:
                 return inserted
             stored = (await bulk.fetch_stored(conn, [prepared.id])).get(prepared.id)
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, f"recording {prepared.event_type.value}") from exc
         if stored is None or not bulk.same_event(stored, prepared):
             raise EventIdConflictError(prepared.id)
@@ -751,7 +760,7 @@ class AuditRepository:
                 # emits the SAVEPOINT (the session creates it lazily).
                 conn = await self.session.connection()
                 return await _write_prepared(conn, prepared, returning)
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, f"recording {len(prepared)} events") from exc
 
     # ---------------------------------------------------------- stage helpers
@@ -1105,14 +1114,14 @@ class AuditRepository:
                 # The transaction has begun (or there is none): straight to the
                 # driver, as the bulk module does, a trail being a hot path.
                 sql, args = _ORDER_TRAIL_DRIVER[rid is not None].render(conn.dialect, params)
-                rows = await driver.fetch(sql, *args)
+                rows = await bulk.driver_fetch(conn, driver, sql, *args)
                 return [bulk.record_from_text_row(row) for row in rows]
             # On the session's connection: the statement is plain Core, and the
             # ORM layer of session.execute() would only add per-call overhead.
             stmt = ORDER_TRAIL if rid is None else ORDER_TRAIL_WITH_RECOMMENDATION
             result = await conn.execute(stmt, params)
             return [record_from_row(row) for row in result.all()]
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, "order trail") from exc
         except Exception as exc:
             if bulk.from_database(exc):
@@ -1215,13 +1224,13 @@ class AuditRepository:
     async def _stream(self, stmt: Select[Any]) -> AsyncGenerator[AuditRecord, None]:
         try:
             result = await self.session.stream(stmt)
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, "stream") from exc
         try:
             async for chunk in result.partitions():
                 for row in chunk:
                     yield record_from_row(row)
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, "stream") from exc
         finally:
             await result.close()
@@ -1230,5 +1239,5 @@ class AuditRepository:
         try:
             result = await self.session.execute(stmt)
             return [record_from_row(row) for row in result.all()]
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, action) from exc

@@ -38,13 +38,13 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit_orm import bulk
 from audit_orm.database import create_engine
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
+    DB_ERRORS,
     AuditError,
     AuditStorageError,
     EventIdConflictError,
@@ -283,7 +283,7 @@ class AuditWriter:
         try:
             async with self._engine.connect() as conn:
                 found = await bulk.existing_ids(conn, [event_id])
-        except SQLAlchemyError as exc:
+        except DB_ERRORS as exc:
             raise translate_db_error(exc, "looking up the corrected event") from exc
         if event_id not in found:
             raise InvalidInputError("corrects", event_id, "no event with this id was recorded")

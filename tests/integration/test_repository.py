@@ -287,29 +287,6 @@ async def test_search_filters_and_keyset_pagination(repo: AuditRepository) -> No
     assert (await repo.search(order_id=one.order_id)).records == [one]
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"after": "'; DROP TABLE audit_events; --"},
-        {"after": "-1"},
-        {"limit": 0},
-        {"limit": 10**6},
-        {"event_types": ["order.filled' OR 1=1 --"]},
-        {"event_types": []},
-        {"entity_type": "order; DELETE"},
-        {"order_id": "1 OR 1=1"},
-        {"since": "not a time"},
-        {"since": datetime(2026, 1, 1)},
-        {"since": datetime(2026, 1, 2, tzinfo=UTC), "until": datetime(2026, 1, 1, tzinfo=UTC)},
-        {"ticker": "A\x00B"},
-        {"actor": "x\x1b[31m"},
-    ],
-)
-async def test_search_refuses_bad_filters(repo: AuditRepository, kwargs: dict[str, object]) -> None:
-    with pytest.raises(InvalidInputError):
-        await repo.search(**kwargs)  # type: ignore[arg-type]
-
-
 async def test_hostile_strings_are_just_data(repo: AuditRepository) -> None:
     hostile = "x'); DROP TABLE audit_events; --"
     order = uuid.uuid4()

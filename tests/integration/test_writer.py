@@ -15,6 +15,7 @@ from audit_orm import (
     AuditRecord,
     AuditRepository,
     AuditStorageError,
+    AuditUnavailableError,
     AuditWriter,
     EventIdConflictError,
     InvalidInputError,
@@ -230,3 +231,24 @@ async def test_bad_options_are_refused(engine: AsyncEngine, option: str, value: 
     with pytest.raises(InvalidInputError) as caught:
         AuditWriter(engine, **{option: value})
     assert caught.value.field == option
+
+
+async def test_writer_reconnects_after_losing_its_connection(admin_url: str) -> None:
+    ticker = new_ticker()
+    async with scratch_database(admin_url) as (_url, scratch):
+        await migrate.upgrade(scratch)
+        async with AuditWriter(scratch) as writer:
+            await record_fill(writer, ticker, 1)
+            async with scratch.connect() as killer:
+                await killer.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            with pytest.raises(AuditUnavailableError) as lost:
+                await record_fill(writer, ticker, 2)
+            assert "connection lost" in str(lost.value)
+            again = await record_fill(writer, ticker, 3)
+            assert again.seq > 0
+        assert await committed_count(scratch, ticker) == 2

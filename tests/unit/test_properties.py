@@ -1,0 +1,48 @@
+"""Property: any valid payload survives exact JSON unchanged, digit for digit."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import given, settings
+
+from audit_orm import AuditEventType, validate_payload
+from audit_orm.jsonb import dumps_exact, loads_exact
+from audit_orm.payloads import payload_to_data
+from tests.strategies import amounts, events, free_text
+
+
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_any_valid_payload_round_trips_through_exact_json(
+    event: tuple[AuditEventType, dict[str, Any]],
+) -> None:
+    kind, data = event
+    payload = validate_payload(kind, data)
+    text = dumps_exact(payload_to_data(payload))
+    back = loads_exact(text)
+    again = validate_payload(kind, back)
+    assert again == payload
+    assert dumps_exact(payload_to_data(again)) == text
+    for key, value in data.items():
+        if isinstance(value, Decimal):  # every digit and the scale, as given
+            assert str(Decimal(back[key])) == str(value)
+        elif isinstance(value, str):
+            assert back[key] == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(amounts())
+def test_decimals_keep_every_digit_and_their_scale(value: Decimal) -> None:
+    back = loads_exact(dumps_exact({"x": value}))["x"]
+    assert back == value
+    assert str(Decimal(back)) == str(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(free_text)
+def test_text_survives_including_astral_characters(value: str) -> None:
+    text = dumps_exact([value])
+    assert loads_exact(text) == [value]
+    assert loads_exact(text.encode("utf-8")) == [value]
