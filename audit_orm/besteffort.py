@@ -1,8 +1,9 @@
 """Best-effort recording: auditing that never stops trading, and still loses nothing.
 
 :class:`BestEffortRepository` is an :class:`~audit_orm.AuditRepository` whose
-writes do not raise when the database fails. Each write runs inside its own
-SAVEPOINT, so a failed audit statement rolls back alone and the caller's
+writes (every helper, :meth:`~audit_orm.AuditRepository.record` and
+:meth:`~audit_orm.AuditRepository.record_many`) do not raise when the database
+fails. Each write runs inside its own SAVEPOINT, so a failed audit statement rolls back alone and the caller's
 transaction (and its business change) can still commit. The event that could
 not be written goes to a durable local :class:`~audit_orm.spool.Spool` and a
 warning on the ``audit_orm.spool`` logger names it; ``audit-orm replay SPOOL``
@@ -31,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, overload
 from uuid import UUID
 
 from sqlalchemy import event
@@ -53,10 +54,12 @@ from audit_orm.records import AuditRecord
 from audit_orm.repository import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     AuditRepository,
+    EventSpec,
     PreparedEvent,
+    prepare_batch,
     prepare_event,
 )
-from audit_orm.spool import Spool
+from audit_orm.spool import Spool, SpooledRecord
 
 logger = logging.getLogger("audit_orm.spool")
 
@@ -213,29 +216,81 @@ class BestEffortRepository(AuditRepository):
             failure.__cause__ = exc
         return await self._spool(prepared, failure)
 
-    async def _spool(self, prepared: PreparedEvent, failure: AuditStorageError) -> AuditRecord:
+    @overload
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: Literal[True] = ...
+    ) -> list[AuditRecord]: ...
+
+    @overload
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: Literal[False]
+    ) -> int: ...
+
+    async def record_many(
+        self, events: Iterable[EventSpec | PreparedEvent], *, returning: bool = True
+    ) -> list[AuditRecord] | int:
+        """As :meth:`AuditRepository.record_many`; a database failure spools the batch.
+
+        The batch is all or nothing either way: written together, or appended to
+        the spool together (one write, one fsync), in order. With
+        ``returning=False`` the count is of rows added to the table, so 0 when
+        the batch was spooled.
+        """
+        prepared = prepare_batch(events, max_payload_bytes=self.max_payload_bytes)
+        if not prepared:
+            return [] if returning else 0
         try:
-            record = await asyncio.to_thread(self.spool.append_event, prepared, str(failure))
+            # The base class's own savepoint covers the INSERT; this one covers
+            # the lookups it makes first (corrections), so no failure of the
+            # batch can abort the caller's transaction.
+            async with self.session.begin_nested():
+                if returning:
+                    return await super().record_many(prepared)
+                return await super().record_many(prepared, returning=False)
+        except AuditSpoolError:
+            raise
+        except AuditStorageError as exc:
+            failure: AuditStorageError = exc
+        except DB_ERRORS as exc:
+            failure = translate_db_error(exc, f"recording {len(prepared)} events")
+            failure.__cause__ = exc
+        records = await self._spool_all(prepared, failure)
+        return list(records) if returning else 0
+
+    async def _spool(self, prepared: PreparedEvent, failure: AuditStorageError) -> AuditRecord:
+        (record,) = await self._spool_all([prepared], failure)
+        return record
+
+    async def _spool_all(
+        self, events: list[PreparedEvent], failure: AuditStorageError
+    ) -> list[SpooledRecord]:
+        try:
+            records = await asyncio.to_thread(self.spool.append_events, events, str(failure))
         except AuditSpoolError as exc:
-            logger.error("audit event %s was neither written nor spooled: %s", prepared.id, exc)
+            ids = ", ".join(str(e.id) for e in events)
+            logger.error("audit event(s) %s were neither written nor spooled: %s", ids, exc)
             raise AuditSpoolError(
-                f"audit event {prepared.id} ({prepared.event_type.value}) was neither written "
+                f"audit event(s) {ids} ({events[0].event_type.value}"
+                f"{', ...' if len(events) > 1 else ''}) were neither written "
                 f"({failure}) nor spooled ({exc})"
             ) from exc
         sync = self.session.sync_session
         owner = sync.get_nested_transaction() or sync.get_transaction()
         if owner is not None:
-            _OutcomeTracker.of(sync).add(owner, self.spool, prepared.id)
-        logger.warning(
-            "audit event %s (%s on %s %s) was not written and is kept in spool %s: %s",
-            prepared.id,
-            prepared.event_type.value,
-            prepared.entity_type.value,
-            prepared.entity_id,
-            self.spool.path,
-            failure,
-        )
-        return record
+            tracker = _OutcomeTracker.of(sync)
+            for prepared in events:
+                tracker.add(owner, self.spool, prepared.id)
+        for prepared in events:
+            logger.warning(
+                "audit event %s (%s on %s %s) was not written and is kept in spool %s: %s",
+                prepared.id,
+                prepared.event_type.value,
+                prepared.entity_type.value,
+                prepared.entity_id,
+                self.spool.path,
+                failure,
+            )
+        return records
 
     def __repr__(self) -> str:
         return f"BestEffortRepository(spool={self.spool!r})"

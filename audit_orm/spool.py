@@ -188,18 +188,33 @@ class Spool:
         An event without a business time gets the local clock as ``occurred_at``,
         so replay later does not stamp it with the replay time.
         """
+        return self.append_events([prepared], error)[0]
+
+    def append_events(self, events: Sequence[PreparedEvent], error: str) -> list[SpooledRecord]:
+        """Durably append a batch of events in order, with one write and one fsync."""
         now = datetime.now(UTC)
-        if prepared.occurred_at is None:
-            prepared = dataclasses.replace(prepared, occurred_at=now)
-        record = {
-            "spool_format": SPOOL_FORMAT,
-            "kind": "event",
-            "event_id": str(prepared.id),
-            "spooled_at": now.isoformat(),
-            "error": error,
-            "event": event_fields(prepared),
-        }
-        self._append([dumps_exact(record)])
+        dated = [
+            e if e.occurred_at is not None else dataclasses.replace(e, occurred_at=now)
+            for e in events
+        ]
+        lines = [
+            dumps_exact(
+                {
+                    "spool_format": SPOOL_FORMAT,
+                    "kind": "event",
+                    "event_id": str(prepared.id),
+                    "spooled_at": now.isoformat(),
+                    "error": error,
+                    "event": event_fields(prepared),
+                }
+            )
+            for prepared in dated
+        ]
+        if lines:
+            self._append(lines)
+        return [self._record(prepared, now, error) for prepared in dated]
+
+    def _record(self, prepared: PreparedEvent, now: datetime, error: str) -> SpooledRecord:
         assert prepared.occurred_at is not None
         return SpooledRecord(
             id=prepared.id,

@@ -262,3 +262,67 @@ async def test_correction_of_nothing_still_raises(db: AsyncEngine, spool_path: P
             )
     assert info.value.field == "corrects"
     assert not await asyncio.to_thread(spool_path.exists)
+
+
+def chain_specs(order: uuid.UUID) -> list[dict[str, object]]:
+    return [
+        {
+            "event_type": "order.submitted",
+            "entity_type": "order",
+            "entity_id": order,
+            "data": {
+                "ticker": "X",
+                "side": "buy",
+                "quantity": "2.50",
+                "order_type": "limit",
+                "idempotency_key": "k",
+            },
+        },
+        {
+            "event_type": "order.accepted",
+            "entity_type": "order",
+            "entity_id": order,
+            "data": {"ticker": "X", "broker_order_id": "B"},
+        },
+    ]
+
+
+async def test_batch_is_spooled_whole_and_replayed_in_order(
+    db: AsyncEngine, spool_path: Path
+) -> None:
+    order = uuid.uuid4()
+    async with audit_table_locked(db), session_factory(db)() as session:
+        audit = BestEffortRepository(session, spool_path)
+        await set_timeout(session, "lock_timeout", "100ms")
+        await session.execute(insert(positions).values(order_id=order, ticker="X", quantity=1))
+        records = await audit.record_many(chain_specs(order))  # type: ignore[arg-type]
+        assert all(isinstance(r, SpooledRecord) for r in records)
+        assert await audit.record_many(chain_specs(uuid.uuid4()), returning=False) == 0  # type: ignore[arg-type]
+        await session.commit()
+    assert await position_of(db, order) is not None
+    contents = read_spool(spool_path)
+    assert list(contents.events)[:2] == [r.id for r in records]
+    assert contents.voids == set()
+    assert (await replay_spool(spool_path, db)).written == 4
+    async with session_factory(db)() as session:
+        trail = await AuditRepository(session).order_trail(order)
+    assert [r.id for r in trail] == [r.id for r in records]
+    assert str(trail[0].data["quantity"]) == "2.50"
+
+
+async def test_batch_on_a_working_database_and_a_bad_batch(
+    db: AsyncEngine, spool_path: Path
+) -> None:
+    order = uuid.uuid4()
+    async with session_factory(db)() as session:
+        audit = BestEffortRepository(session, spool_path)
+        written = await audit.record_many(chain_specs(order))  # type: ignore[arg-type]
+        assert all(r.seq > 0 and not isinstance(r, SpooledRecord) for r in written)
+        bad = chain_specs(uuid.uuid4())
+        bad[1]["data"] = {"ticker": "X"}
+        with pytest.raises(InvalidPayloadError) as info:
+            await audit.record_many(bad)  # type: ignore[arg-type]
+        assert info.value.field == "events[1].data.broker_order_id"
+        await session.commit()
+    assert not await asyncio.to_thread(spool_path.exists)
+    assert set((await event_counts(db, [r.id for r in written])).values()) == {1}
