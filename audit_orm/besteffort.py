@@ -3,11 +3,11 @@
 :class:`BestEffortRepository` is an :class:`~audit_orm.AuditRepository` whose
 writes (every helper, :meth:`~audit_orm.AuditRepository.record` and
 :meth:`~audit_orm.AuditRepository.record_many`) do not raise when the database
-fails. Each write runs inside its own SAVEPOINT, so a failed audit statement rolls back alone and the caller's
-transaction (and its business change) can still commit. The event that could
-not be written goes to a durable local :class:`~audit_orm.spool.Spool` and a
-warning on the ``audit_orm.spool`` logger names it; ``audit-orm replay SPOOL``
-writes it later under the same event id.
+fails. Each write runs inside its own SAVEPOINT, so a failed audit statement
+rolls back alone and the caller's transaction (and its business change) can
+still commit. The event that could not be written goes to a durable local
+:class:`~audit_orm.spool.Spool` and a warning on the ``audit_orm.spool`` logger
+names it; ``audit-orm replay SPOOL`` writes it later under the same event id.
 
 A spooled event belongs to the caller's transaction like any other audit event.
 If that transaction later rolls back (or the session closes without committing),
