@@ -1,4 +1,4 @@
-"""Faults against a real server: unreachable, killed connections, timeouts, a restart under load.
+"""Faults on a real server: unreachable, killed connections, timeouts, a restart under load.
 
 After each fault: every acknowledged event is present exactly once, every other
 one is present, spooled or was reported failed, never silently missing, and
@@ -8,6 +8,7 @@ nothing is half-written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 import uuid
@@ -25,10 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from audit_orm import AuditRepository, AuditUnavailableError
 from audit_orm.besteffort import BestEffortRepository
 from audit_orm.database import session_factory, start_embedded
-from audit_orm.errors import AuditStorageError, AuditTimeoutError
+from audit_orm.errors import AuditStorageError, AuditTimeoutError, translate_db_error
 from audit_orm.repository import prepare_event
 from audit_orm.retry import RetryPolicy, call_with_retries
 from audit_orm.spool import SpooledRecord, read_spool, replay_spool
+from audit_orm.writer import AuditWriter
 from tests.faultutil import (
     audit_table_locked,
     business_database,
@@ -303,12 +305,36 @@ async def retrying_producer(
                 async with sessions() as session, session.begin():
                     await AuditRepository(session).insert_prepared(prepared)
             except SQLAlchemyError as exc:  # the commit itself
-                from audit_orm.errors import translate_db_error
-
                 raise translate_db_error(exc, "committing") from exc
 
         try:
             await call_with_retries(write, policy=policy, action=f"recording {prepared.id}")
+        except AuditStorageError:
+            out.failed.add(prepared.id)
+        else:
+            out.acked_in_db.add(prepared.id)
+        done += 1
+        await out.settled()
+
+
+async def writer_producer(
+    writer: AuditWriter, out: Outcomes, stop: asyncio.Event, minimum: int
+) -> None:
+    """Events through the shared AuditWriter; a failed group is retried by event id."""
+    order = uuid.uuid4()
+    policy = RetryPolicy(attempts=30, first_delay=0.02, max_delay=0.3)
+    done = 0
+    while done < minimum or not stop.is_set():
+        prepared = prepare_event(
+            "order.accepted", "order", order, {"ticker": "X", "broker_order_id": f"W{done}"}
+        )
+        out.order_of[prepared.id] = order
+        try:
+            await call_with_retries(
+                functools.partial(writer.record_prepared, prepared),
+                policy=policy,
+                action=f"recording {prepared.id} through the writer",
+            )
         except AuditStorageError:
             out.failed.add(prepared.id)
         else:
@@ -323,12 +349,13 @@ async def test_server_restart_under_load(
     admin, server = own_server
     spool = tmp_path / "audit.spool"
     out = Outcomes()
-    async with business_database(admin) as (_, engine):
+    async with business_database(admin) as (_, engine), AuditWriter(engine) as writer:
         stop = asyncio.Event()
         with caplog.at_level(logging.WARNING):
             producers = [
                 *(best_effort_producer(engine, spool, out, stop, 40) for _ in range(6)),
                 *(retrying_producer(engine, out, stop, 40) for _ in range(4)),
+                *(writer_producer(writer, out, stop, 40) for _ in range(6)),
             ]
             running = asyncio.gather(*producers)
             await out.reach(150)  # under load before the fault
@@ -341,11 +368,15 @@ async def test_server_restart_under_load(
         print(
             f"restart under load: {len(out.acked_in_db)} acknowledged in the database, "
             f"{len(out.acked_in_spool)} in the spool, {len(out.failed)} reported failed "
-            f"({len(out.failed_spooled)} of them spooled and voided)"
+            f"({len(out.failed_spooled)} of them spooled and voided); the writer committed "
+            f"{writer.stats.batches} groups, {writer.stats.failed_batches} failed"
         )
-        # The fault was felt: events went to the spool and writes were retried.
+        # The fault was felt: events went to the spool, writer groups failed, and
+        # writes were retried.
         assert out.acked_in_spool | out.failed_spooled
+        assert writer.stats.failed_batches > 0
         assert "retrying" in caplog.text
+        assert "through the writer failed (attempt 1 of 30)" in caplog.text
         report = await replay_spool(spool, engine)
         assert report.ok
         assert report.voided == len(out.failed_spooled)
