@@ -1,7 +1,9 @@
 """Load: 64 concurrent producers, every write path mixed; zero lost, zero duplicated.
 
 Each producer records whole order chains (submitted, accepted, filled, position
-opened) through one write path. Afterwards every event is present exactly once,
+opened) through one write path: single writes in the caller's transaction,
+``record_many`` batches, the shared ``AuditWriter``, best-effort writes, or own
+transactions retried whole. Afterwards every event is present exactly once,
 nothing else is in the table, and every order trail holds its chain, complete,
 in the order it was recorded.
 """
@@ -23,6 +25,7 @@ from audit_orm import AuditEvent, AuditEventType, AuditRepository, BestEffortRep
 from audit_orm.database import session_factory
 from audit_orm.repository import PreparedEvent, prepare_event
 from audit_orm.retry import RetryPolicy, call_with_retries
+from audit_orm.writer import AuditWriter
 from tests.faultutil import business_database, event_counts, total_events
 
 E = AuditEventType
@@ -119,6 +122,27 @@ def retried_writes(sessions: async_sessionmaker) -> Writer:  # type: ignore[type
     return write
 
 
+def batch_writes(sessions: async_sessionmaker) -> Writer:  # type: ignore[type-arg]
+    """The chain as one record_many batch in the caller's transaction."""
+
+    async def write(chain: list[PreparedEvent]) -> None:
+        async with sessions() as session, session.begin():
+            records = await AuditRepository(session).record_many(chain)
+            assert [r.id for r in records] == [p.id for p in chain]
+
+    return write
+
+
+def writer_writes(writer: AuditWriter) -> Writer:
+    """Each event through the shared AuditWriter, awaited in order."""
+
+    async def write(chain: list[PreparedEvent]) -> None:
+        for prepared in chain:
+            await writer.record_prepared(prepared)
+
+    return write
+
+
 @pytest.fixture(scope="module")
 async def db(admin_url: str) -> AsyncIterator[AsyncEngine]:
     async with business_database(admin_url) as (_, eng):
@@ -129,8 +153,11 @@ async def db(admin_url: str) -> AsyncIterator[AsyncEngine]:
 async def test_mixed_load_loses_and_duplicates_nothing(db: AsyncEngine, tmp_path: Path) -> None:
     sessions = session_factory(db)
     spool = tmp_path / "audit.spool"
+    writer = AuditWriter(db)
     paths: list[Writer] = [
         single_writes(sessions),
+        batch_writes(sessions),
+        writer_writes(writer),
         best_effort_writes(sessions, spool),
         retried_writes(sessions),
     ]
@@ -144,7 +171,11 @@ async def test_mixed_load_loses_and_duplicates_nothing(db: AsyncEngine, tmp_path
             await write(chain)
 
     started = time.perf_counter()
-    await asyncio.gather(*(producer(i) for i in range(PRODUCERS)))
+    async with writer:
+        await asyncio.gather(*(producer(i) for i in range(PRODUCERS)))
+    through_writer = sum(1 for i in range(PRODUCERS) if i % len(paths) == 2)
+    assert writer.stats.events == through_writer * EVENTS_PER_PRODUCER
+    assert writer.stats.batches < writer.stats.events  # concurrent callers were grouped
     print(
         f"{PRODUCERS} producers wrote {len(chains) * len(CHAIN)} events "
         f"in {time.perf_counter() - started:.1f}s"
