@@ -33,6 +33,7 @@ from audit_orm.ids import coerce_optional_uuid, coerce_uuid, uuid7
 from audit_orm.jsonb import JSONText, dumps_exact
 from audit_orm.models import ACTOR_MAX_LENGTH, TICKER_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
+    CONTROL_CHARACTERS,
     AuditPayload,
     PositionChangePayload,
     coerce_event_type,
@@ -113,7 +114,7 @@ def check_ticker(ticker: Any) -> str:
         raise InvalidInputError(
             "ticker", ticker, f"must be a string of 1 to {TICKER_MAX_LENGTH} characters"
         )
-    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in ticker):
+    if CONTROL_CHARACTERS.search(ticker):
         raise InvalidInputError("ticker", ticker, "must not contain control characters")
     return ticker
 
