@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from audit_orm.enums import AuditEventType
-from audit_orm.errors import InvalidInputError, translate_db_error
+from audit_orm.errors import DB_ERRORS, InvalidInputError, translate_db_error
 from audit_orm.jsonb import dumps_exact
 from audit_orm.models import AuditEvent
 from audit_orm.payloads import PAYLOAD_MODELS, coerce_event_type
@@ -239,7 +239,14 @@ async def export_events(
     stmt = _statement(since=since, until=until, ticker=ticker, event_types=kinds, order_id=order_id)
     try:
         if isinstance(source, AsyncEngine):
-            async with source.connect() as conn:
+            conn = source.connect()
+            try:
+                await conn.start()
+            except DB_ERRORS as exc:
+                # Only the connect is translated this broadly: an OSError later on
+                # may come from writing ``out`` (a full disk), not from the database.
+                raise translate_db_error(exc, "export") from exc
+            try:
                 # One snapshot for the count and every chunk: rows committed
                 # meanwhile neither appear halfway nor shift the chunks.
                 conn = await conn.execution_options(
@@ -247,6 +254,8 @@ async def export_events(
                 )
                 async with conn.begin():
                     return await _write(conn, stmt, out, format, kinds, chunk_size, progress)
+            finally:
+                await conn.close()
         return await _write(source, stmt, out, format, kinds, chunk_size, progress)
     except SQLAlchemyError as exc:
         raise translate_db_error(exc, "export") from exc

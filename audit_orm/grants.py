@@ -15,10 +15,9 @@ that is not ``public``.
 from __future__ import annotations
 
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm.errors import InvalidInputError, translate_db_error
+from audit_orm.errors import DB_ERRORS, InvalidInputError, translate_db_error
 
 _TABLES = "audit_events, audit_seals"
 _NAME_MAX_BYTES = 63
@@ -105,6 +104,6 @@ async def grant(
             )
             for statement in statements:
                 await conn.execute(text(statement))
-    except SQLAlchemyError as exc:
+    except DB_ERRORS as exc:
         raise translate_db_error(exc, "granting privileges") from exc
     return statements

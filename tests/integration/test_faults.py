@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from audit_orm import AuditRepository, AuditUnavailableError
 from audit_orm.besteffort import BestEffortRepository
 from audit_orm.database import session_factory, start_embedded
 from audit_orm.errors import AuditStorageError, AuditTimeoutError, translate_db_error
+from audit_orm.export import export_events
+from audit_orm.grants import grant
 from audit_orm.repository import prepare_event
 from audit_orm.retry import RetryPolicy, call_with_retries
 from audit_orm.spool import SpooledRecord, read_spool, replay_spool
@@ -77,6 +80,15 @@ async def test_unreachable_at_start_up_is_a_typed_error(dead: AsyncEngine) -> No
         assert isinstance(info.value.__cause__, OSError)
         with pytest.raises(AuditUnavailableError, match="order trail"):
             await repo.order_trail(uuid.uuid4())
+
+
+async def test_unreachable_export_and_grant_are_typed(dead: AsyncEngine) -> None:
+    out = io.StringIO()
+    with pytest.raises(AuditUnavailableError, match="database unreachable"):
+        await export_events(dead, out)
+    assert out.getvalue() == ""
+    with pytest.raises(AuditUnavailableError, match="database unreachable"):
+        await grant(dead, reader="nobody")
 
 
 async def test_unreachable_at_start_up_best_effort_spools_then_replays(
