@@ -46,7 +46,7 @@ from audit_orm.sealing import (
 from audit_orm.spool import ReplayReport, Spool, SpooledRecord, replay_spool
 from audit_orm.writer import AuditWriter
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PAYLOAD_MODELS",
