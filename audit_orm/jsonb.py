@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -36,8 +37,76 @@ def _number(value: Decimal | float) -> str:
     return repr(value)
 
 
+#: Exact types a flat payload holds; such a dict takes the C encoder's fast path.
+_SCALAR_TYPES = frozenset({str, int, bool, type(None), float})
+#: Where the fast path left a Decimal's place-holder (a NUL and its index).
+_MARKER = re.compile(r'"\\u0000(\d+)"')
+
+
+def _refuse(item: Any) -> Any:
+    raise TypeError(f"{type(item).__name__} is not JSON-ready")
+
+
+def _c_encoder() -> Callable[[Any], str] | None:
+    # Built once: json.dumps() would rebuild the C encoder on every call.
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - an interpreter without the C accelerator
+        return None
+    encode = make(
+        None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode_c = _c_encoder()
+
+
+def _dumps_flat(value: dict[Any, Any]) -> str | None:
+    """A flat dict through the C encoder, exact Decimals put back afterwards.
+
+    Returns ``None`` when the dict is not flat (nested containers, odd types)
+    or when a caller's string holds a NUL, so the general encoder decides.
+    """
+    if _encode_c is None:  # pragma: no cover
+        return None
+    numbers: list[str] = []
+    plain: dict[str, Any] = {}
+    for key, item in value.items():
+        kind = type(item)
+        if type(key) is not str:
+            return None
+        if kind is Decimal:
+            numbers.append(_number(item))
+            # NUL never occurs in stored text (PostgreSQL refuses it), so a
+            # NUL-led string is free to mark where the exact number goes.
+            plain[key] = f"\x00{len(numbers) - 1}"
+        elif kind in _SCALAR_TYPES:
+            if kind is float and not math.isfinite(item):
+                raise ValueError(f"JSON cannot hold the number {item}")
+            plain[key] = item
+        elif kind is list and all(type(element) is str for element in item):
+            plain[key] = item
+        else:
+            return None
+    text = _encode_c(plain)
+    if not numbers:
+        return text
+    if text.count("\\u0000") != len(numbers):
+        return None
+    return _MARKER.sub(lambda match: numbers[int(match.group(1))], text)
+
+
 def dumps_exact(value: Any) -> str:
     """Serialize JSON-ready Python data; Decimals become exact JSON numbers."""
+    if type(value) is dict:
+        # Payloads are flat dicts: let the C encoder do the work.
+        fast = _dumps_flat(value)
+        if fast is not None:
+            return fast
+    return _dumps_any(value)
+
+
+def _dumps_any(value: Any) -> str:
     # Exact-type checks first: every payload is written through here, and the
     # common cases (flat dicts of str and Decimal) should not pay for the
     # isinstance() chain that subclasses need.
@@ -49,7 +118,7 @@ def dumps_exact(value: Any) -> str:
         for key, item in value.items():
             if type(key) is not str and not isinstance(key, str):
                 raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}")
-            parts.append(_encode_str(key) + ":" + dumps_exact(item))
+            parts.append(_encode_str(key) + ":" + _dumps_any(item))
         return "{" + ",".join(parts) + "}"
     if kind is Decimal:
         return _number(value)
@@ -66,9 +135,9 @@ def dumps_exact(value: Any) -> str:
     if isinstance(value, (Decimal, float)):
         return _number(value)
     if isinstance(value, dict):
-        return dumps_exact(dict(value))
+        return _dumps_any(dict(value))
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join([dumps_exact(item) for item in value]) + "]"
+        return "[" + ",".join([_dumps_any(item) for item in value]) + "]"
     raise TypeError(f"{type(value).__name__} is not JSON-ready")
 
 

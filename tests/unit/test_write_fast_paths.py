@@ -94,3 +94,22 @@ def test_prepare_batch_refuses_a_single_mapping() -> None:
     with pytest.raises(InvalidInputError) as caught:
         prepare_batch({"event_type": "approval.expired"})  # type: ignore[dict-item]
     assert caught.value.field == "events"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"price": Decimal("150.250"), "qty": Decimal("1E+400"), "side": "买", "n": 3},
+        {"a": 1.5, "b": True, "c": None, "d": ["x", '"q"'], "e": Decimal("-0.000")},
+        {"nul": "\x000", "num": Decimal("2.50")},
+        {"nul": "\x00", "plain": 1},
+        {"nested": {"a": Decimal("1.0")}, "list": [Decimal("1.10")]},
+        {"enum": Side.BUY, "label": Label("k")},
+        {},
+    ],
+)
+def test_flat_fast_path_matches_the_general_encoder(value: dict[str, Any]) -> None:
+    from audit_orm.jsonb import _dumps_any
+
+    assert dumps_exact(value) == _dumps_any(value)
+    assert loads_exact(dumps_exact(value)) == loads_exact(_dumps_any(value))
