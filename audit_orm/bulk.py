@@ -38,10 +38,9 @@ from uuid import UUID
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import DB_ERRORS, EventIdConflictError, translate_db_error
 from audit_orm.jsonb import loads_exact
-from audit_orm.records import AuditRecord
+from audit_orm.records import AuditRecord, record_from_row
 
 if TYPE_CHECKING:
     from audit_orm.repository import PreparedEvent
@@ -97,9 +96,6 @@ SELECT_STORED_SQL = (
     "recorded_at, recommendation_id, order_id, ticker, corrects_id "
     "FROM audit_events WHERE id = ANY($1::uuid[])"
 )
-
-_EVENT_TYPES = {kind.value: kind for kind in AuditEventType}
-_ENTITY_TYPES = {kind.value: kind for kind in EntityType}
 
 #: What one event of a batch came to: its stored record, or the conflict refusing it.
 Outcome = AuditRecord | EventIdConflictError
@@ -228,26 +224,6 @@ async def _link(conn: AsyncConnection) -> _Link:
     return _Link(conn, driver if direct else None, copier, autocommit)
 
 
-def record_from_text_row(row: Sequence[Any]) -> AuditRecord:
-    """A record from a raw row in :data:`~audit_orm.repository.RECORD_COLUMNS`
-    order, its data as JSON text (as ``data::text`` selects it)."""
-    return AuditRecord(
-        id=row[0],
-        seq=row[1],
-        event_type=_EVENT_TYPES[row[2]],
-        entity_type=_ENTITY_TYPES[row[3]],
-        entity_id=row[4],
-        actor=row[5],
-        data=loads_exact(row[6]),
-        occurred_at=row[7],
-        recorded_at=row[8],
-        recommendation_id=row[9],
-        order_id=row[10],
-        ticker=row[11],
-        corrects_id=row[12],
-    )
-
-
 async def direct_driver(conn: AsyncConnection) -> Any | None:
     """The asyncpg connection under ``conn`` if a statement may bypass SQLAlchemy now.
 
@@ -293,7 +269,7 @@ async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID,
     link = await _link(conn)
     stored: dict[UUID, AuditRecord] = {}
     for row in await link.fetch(SELECT_STORED_SQL, list(ids)):
-        stored[row[0]] = record_from_text_row(row)
+        stored[row[0]] = record_from_row(row, data_is_text=True)
     return stored
 
 

@@ -31,8 +31,8 @@ from audit_orm.errors import DB_ERRORS, InvalidInputError, translate_db_error
 from audit_orm.jsonb import dumps_exact
 from audit_orm.models import AuditEvent
 from audit_orm.payloads import PAYLOAD_MODELS, coerce_event_type
-from audit_orm.records import AuditRecord
-from audit_orm.repository import order_trail_statement, record_from_row, search_statement
+from audit_orm.records import AuditRecord, record_from_row
+from audit_orm.repository import order_trail_statement, search_statement
 
 #: The formats :func:`export_events` writes.
 ExportFormat = Literal["jsonl", "csv"]

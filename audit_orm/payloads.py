@@ -30,7 +30,7 @@ from pydantic import (
     ValidationError,
 )
 
-from audit_orm.enums import AuditEventType
+from audit_orm.enums import EVENT_TYPES_BY_VALUE, AuditEventType
 from audit_orm.errors import InvalidPayloadError, UnknownEventTypeError
 
 
@@ -255,15 +255,12 @@ PAYLOAD_MODELS: Mapping[AuditEventType, type[AuditPayload]] = {
 }
 
 
-_EVENT_TYPES_BY_VALUE: Mapping[str, AuditEventType] = {t.value: t for t in AuditEventType}
-
-
 def coerce_event_type(value: Any) -> AuditEventType:
     """Accept an :class:`AuditEventType` or its string value."""
     if isinstance(value, AuditEventType):
         return value
     if isinstance(value, str):
-        kind = _EVENT_TYPES_BY_VALUE.get(value)
+        kind = EVENT_TYPES_BY_VALUE.get(value)
         if kind is not None:
             return kind
     raise UnknownEventTypeError(

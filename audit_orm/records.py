@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from audit_orm.enums import AuditEventType, EntityType
-from audit_orm.jsonb import dumps_exact
+from audit_orm.enums import (
+    ENTITY_TYPES_BY_VALUE,
+    EVENT_TYPES_BY_VALUE,
+    AuditEventType,
+    EntityType,
+)
+from audit_orm.jsonb import dumps_exact, loads_exact
 from audit_orm.payloads import AuditPayload, validate_payload
 
 
@@ -81,3 +87,27 @@ class AuditPage:
     records: list[AuditRecord]
     #: Pass as ``after=`` to get the next page; ``None`` on the last page.
     next_cursor: str | None
+
+
+def record_from_row(row: Sequence[Any], *, data_is_text: bool = False) -> AuditRecord:
+    """Build an :class:`AuditRecord` from a row in ``RECORD_COLUMNS`` order.
+
+    Rows read through the ORM carry ``data`` already decoded (exactly, by the
+    column type); rows read straight from the driver carry it as ``data::text``:
+    say so with ``data_is_text``.
+    """
+    return AuditRecord(
+        id=row[0],
+        seq=row[1],
+        event_type=EVENT_TYPES_BY_VALUE[row[2]],
+        entity_type=ENTITY_TYPES_BY_VALUE[row[3]],
+        entity_id=row[4],
+        actor=row[5],
+        data=loads_exact(row[6]) if data_is_text else row[6],
+        occurred_at=row[7],
+        recorded_at=row[8],
+        recommendation_id=row[9],
+        order_id=row[10],
+        ticker=row[11],
+        corrects_id=row[12],
+    )

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit_orm import bulk
-from audit_orm.enums import AuditEventType, EntityType
+from audit_orm.enums import ENTITY_TYPES_BY_VALUE, AuditEventType, EntityType
 from audit_orm.errors import (
     DB_ERRORS,
     EventIdConflictError,
@@ -40,7 +40,7 @@ from audit_orm.payloads import (
     payload_to_data,
     validate_payload,
 )
-from audit_orm.records import AuditPage, AuditRecord
+from audit_orm.records import AuditPage, AuditRecord, record_from_row
 
 #: Rows fetched per round trip by :meth:`AuditRepository.stream`.
 DEFAULT_STREAM_CHUNK = 1_000
@@ -76,15 +76,12 @@ class RecordOptions(TypedDict, total=False):
     corrects: UUID | str | None
 
 
-_ENTITY_TYPES_BY_VALUE: Mapping[str, EntityType] = {t.value: t for t in EntityType}
-
-
 def coerce_entity_type(value: Any) -> EntityType:
     """Accept an :class:`EntityType` or its string value."""
     if isinstance(value, EntityType):
         return value
     if isinstance(value, str):
-        kind = _ENTITY_TYPES_BY_VALUE.get(value)
+        kind = ENTITY_TYPES_BY_VALUE.get(value)
         if kind is not None:
             return kind
     raise UnknownEntityTypeError(
@@ -347,25 +344,6 @@ async def _write_prepared(
             raise outcome
         records.append(outcome)
     return records
-
-
-def record_from_row(row: Sequence[Any]) -> AuditRecord:
-    """Build an :class:`AuditRecord` from a row selected with :data:`RECORD_COLUMNS`."""
-    return AuditRecord(
-        id=row[0],
-        seq=row[1],
-        event_type=AuditEventType(row[2]),
-        entity_type=EntityType(row[3]),
-        entity_id=row[4],
-        actor=row[5],
-        data=row[6],
-        occurred_at=row[7],
-        recorded_at=row[8],
-        recommendation_id=row[9],
-        order_id=row[10],
-        ticker=row[11],
-        corrects_id=row[12],
-    )
 
 
 def _cursor_value(after: str | int | None) -> int | None:
@@ -1116,7 +1094,7 @@ class AuditRepository:
                 # driver, as the bulk module does, a trail being a hot path.
                 sql, args = _ORDER_TRAIL_DRIVER[rid is not None].render(conn.dialect, params)
                 rows = await bulk.driver_fetch(conn, driver, sql, *args)
-                return [bulk.record_from_text_row(row) for row in rows]
+                return [record_from_row(row, data_is_text=True) for row in rows]
             # On the session's connection: the statement is plain Core, and the
             # ORM layer of session.execute() would only add per-call overhead.
             stmt = ORDER_TRAIL if rid is None else ORDER_TRAIL_WITH_RECOMMENDATION
