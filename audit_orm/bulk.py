@@ -29,7 +29,9 @@ only the statements that pass through SQLAlchemy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,12 @@ from uuid import UUID
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from audit_orm.errors import DB_ERRORS, EventIdConflictError, translate_db_error
+from audit_orm.errors import (
+    DB_ERRORS,
+    EventIdConflictError,
+    InvalidInputError,
+    translate_db_error,
+)
 from audit_orm.jsonb import loads_exact
 from audit_orm.records import AuditRecord, record_from_row
 
@@ -216,10 +223,11 @@ async def _check_connection(conn: AsyncConnection, driver: Any, exc: Exception) 
 async def _link(conn: AsyncConnection) -> _Link:
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
-    autocommit = bool(getattr(raw.dbapi_connection, "autocommit", False))
-    direct = callable(getattr(driver, "fetch", None)) and (
-        autocommit or bool(getattr(driver, "is_in_transaction", lambda: False)())
-    )
+    in_block = bool(getattr(driver, "is_in_transaction", lambda: False)())
+    # An AUTOCOMMIT connection inside a block opened by transaction_block is
+    # in a transaction like any other: statements no longer commit one by one.
+    autocommit = bool(getattr(raw.dbapi_connection, "autocommit", False)) and not in_block
+    direct = callable(getattr(driver, "fetch", None)) and (autocommit or in_block)
     copier = driver if callable(getattr(driver, "copy_records_to_table", None)) else None
     return _Link(conn, driver if direct else None, copier, autocommit)
 
@@ -236,6 +244,35 @@ async def direct_driver(conn: AsyncConnection) -> Any | None:
 async def is_autocommit(conn: AsyncConnection) -> bool:
     """Whether ``conn`` runs each statement as its own transaction (``AUTOCOMMIT``)."""
     return (await _link(conn)).autocommit
+
+
+@asynccontextmanager
+async def transaction_block(conn: AsyncConnection) -> AsyncIterator[None]:
+    """One transaction around the block, on an ``AUTOCOMMIT`` connection.
+
+    There each statement commits on its own and no savepoint can be taken, so
+    a batch written in several statements could stop half-way with its first
+    part committed. The block sends ``BEGIN`` on the driver connection and
+    ``COMMIT`` when it ends, or ``ROLLBACK`` when it raises.
+
+    :raises InvalidInputError: the connection is not an asyncpg one.
+    """
+    driver = (await _link(conn)).driver
+    if driver is None or not callable(getattr(driver, "is_closed", None)):
+        raise InvalidInputError(
+            "session", conn, "an AUTOCOMMIT session must run on the asyncpg driver"
+        )
+    await driver_fetch(conn, driver, "BEGIN")
+    try:
+        yield
+    except BaseException:
+        if not driver.is_closed():
+            # The error being raised says what went wrong; a failed rollback
+            # (the connection going away meanwhile) adds nothing to it.
+            with contextlib.suppress(Exception):
+                await driver.fetch("ROLLBACK")
+        raise
+    await driver_fetch(conn, driver, "COMMIT")
 
 
 async def insert_one(conn: AsyncConnection, event: PreparedEvent) -> AuditRecord | None:

@@ -34,6 +34,28 @@ def quote_role(role: str, field: str) -> str:
     return '"' + role.replace('"', '""') + '"'
 
 
+#: What each job may do, per object: the table's privileges, and SELECT on the sequence.
+_JOBS: dict[str, dict[str, tuple[str, ...]]] = {
+    "writer": {"audit_events": ("SELECT", "INSERT"), "audit_seals": ("SELECT",)},
+    "reader": {"audit_events": ("SELECT",), "audit_seals": ("SELECT",)},
+    "sealer": {
+        "audit_events": ("SELECT",),
+        "audit_seals": ("SELECT", "INSERT"),
+        "sequence": ("SELECT",),
+    },
+}
+_ORDER = ("SELECT", "INSERT")
+
+
+def _union(jobs: list[str]) -> dict[str, list[str]]:
+    """The privileges of a role that holds every job in ``jobs``, per object."""
+    wanted: dict[str, set[str]] = {}
+    for job in jobs:
+        for target, privileges in _JOBS[job].items():
+            wanted.setdefault(target, set()).update(privileges)
+    return {target: [p for p in _ORDER if p in held] for target, held in wanted.items()}
+
+
 def grant_statements(
     *,
     writer: str | None = None,
@@ -41,31 +63,30 @@ def grant_statements(
     sealer: str | None = None,
     sequence: str = "audit_events_seq_seq",
 ) -> list[str]:
-    """The SQL that gives each role exactly its privileges (and revokes any others)."""
+    """The SQL that gives each role exactly its privileges (and revokes any others).
+
+    A role named for several jobs (one application role as writer and reader,
+    say) gets the union of their privileges: its grants are computed once, so
+    one job's ``REVOKE`` never takes back another job's ``GRANT``.
+    """
     if writer is None and reader is None and sealer is None:
         raise InvalidInputError("roles", None, "name at least one of writer, reader and sealer")
+    jobs_of: dict[str, list[str]] = {}
+    for field, role in (("writer", writer), ("reader", reader), ("sealer", sealer)):
+        if role is not None:
+            jobs_of.setdefault(quote_role(role, field), []).append(field)
     statements: list[str] = []
-    if writer is not None:
-        role = quote_role(writer, "writer")
-        statements += [
-            f"REVOKE ALL ON {_TABLES} FROM {role}",
-            f"GRANT SELECT, INSERT ON audit_events TO {role}",
-            f"GRANT SELECT ON audit_seals TO {role}",
-        ]
-    if reader is not None:
-        role = quote_role(reader, "reader")
-        statements += [
-            f"REVOKE ALL ON {_TABLES} FROM {role}",
-            f"GRANT SELECT ON {_TABLES} TO {role}",
-        ]
-    if sealer is not None:
-        role = quote_role(sealer, "sealer")
-        statements += [
-            f"REVOKE ALL ON {_TABLES} FROM {role}",
-            f"GRANT SELECT ON audit_events TO {role}",
-            f"GRANT SELECT, INSERT ON audit_seals TO {role}",
-            f"GRANT SELECT ON SEQUENCE {sequence} TO {role}",
-        ]
+    for role, jobs in jobs_of.items():
+        held = _union(jobs)
+        statements.append(f"REVOKE ALL ON {_TABLES} FROM {role}")
+        events, seals = held["audit_events"], held["audit_seals"]
+        if events == seals:
+            statements.append(f"GRANT {', '.join(events)} ON {_TABLES} TO {role}")
+        else:
+            statements.append(f"GRANT {', '.join(events)} ON audit_events TO {role}")
+            statements.append(f"GRANT {', '.join(seals)} ON audit_seals TO {role}")
+        if "sequence" in held:
+            statements.append(f"GRANT SELECT ON SEQUENCE {sequence} TO {role}")
     return statements
 
 

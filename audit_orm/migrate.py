@@ -122,20 +122,30 @@ def _tracking_tables(connection: Connection) -> dict[str, list[str]]:
 def check_standalone(connection: Connection) -> None:
     """Refuse to run the standalone migrations where they would collide.
 
-    A database whose ``audit_events`` table is not recorded in
+    A database whose audit_orm revisions are recorded both in
+    :data:`VERSION_TABLE` and in an application's version table is in both
+    modes at once. A database whose ``audit_events`` table is not recorded in
     :data:`VERSION_TABLE` is managed some other way: by a host application's
     Alembic (its version table holds audit_orm's revision), or it holds the
     original module's table waiting to be adopted. Running the revisions there
     would try to create the table a second time.
 
-    :raises MigrationConflictError: saying which of the two it is and what to run.
+    :raises MigrationConflictError: saying which of these it is and what to do.
     """
-    if not inspect(connection).has_table("audit_events"):
-        return
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    if context.get_current_heads():
-        return
+    standalone = context.get_current_heads()
     tracking = _tracking_tables(connection)
+    if standalone and tracking:
+        table, revisions = next(iter(tracking.items()))
+        raise MigrationConflictError(
+            table,
+            f"audit_orm's revisions are recorded both in {VERSION_TABLE!r} "
+            f"({', '.join(standalone)}) and in the application's version table {table!r} "
+            f"({', '.join(revisions)}); a database is migrated one way only: keep one "
+            "record and drop the other (see the README, Migrations)",
+        )
+    if standalone or not inspect(connection).has_table("audit_events"):
+        return
     if tracking:
         table, revisions = next(iter(tracking.items()))
         raise MigrationConflictError(

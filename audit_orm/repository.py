@@ -315,21 +315,36 @@ def prepare_batch(
 
 
 async def _check_corrections(conn: AsyncConnection, prepared: Sequence[PreparedEvent]) -> None:
-    """Refuse a batch whose corrections name events neither stored nor in the batch."""
-    in_batch = {event.id for event in prepared}
+    """Refuse a batch whose corrections name events neither stored nor earlier in the batch.
+
+    A correction follows what it corrects, as with :meth:`AuditRepository.record`:
+    one naming an event placed after it in the batch (and not stored yet) would
+    be recorded first, and two events correcting each other would form a cycle.
+    """
+    position: dict[UUID, int] = {}
+    for index, event in enumerate(prepared):
+        position.setdefault(event.id, index)
     first_use: dict[UUID, int] = {}
     for index, event in enumerate(prepared):
         target = event.corrects_id
-        if target is not None and target not in in_batch:
+        if target is not None and position.get(target, index) >= index:
             first_use.setdefault(target, index)
     if not first_use:
         return
     found = await bulk.existing_ids(conn, list(first_use))
     for target, index in first_use.items():
-        if target not in found:
+        if target in found:
+            continue
+        if target in position:
             raise InvalidInputError(
-                f"events[{index}].corrects", target, "no event with this id was recorded"
+                f"events[{index}].corrects",
+                target,
+                f"names events[{position[target]}], later in the batch; "
+                "a correction must follow the event it corrects",
             )
+        raise InvalidInputError(
+            f"events[{index}].corrects", target, "no event with this id was recorded"
+        )
 
 
 async def _write_prepared(
@@ -719,8 +734,8 @@ class AuditRepository:
         :returns: one record per event, in the order given (``seq`` follows
             that order); or, with ``returning=False``, the number of rows added.
         :raises InvalidInputError: (or a subclass) before anything is written,
-            including when a ``corrects`` names an event neither stored nor in
-            the batch.
+            including when a ``corrects`` names an event neither stored nor
+            earlier in the batch.
         :raises EventIdConflictError: an event id is taken by a different event.
         :raises AuditStorageError: the database failed; the batch left nothing behind.
         """
@@ -731,16 +746,20 @@ class AuditRepository:
             conn = await self.session.connection()
             await _check_corrections(conn, prepared)
             if await bulk.is_autocommit(conn):
-                # No transaction block to hold a savepoint: each statement
-                # commits on its own (see the bulk module).
-                return await _write_prepared(conn, prepared, returning)
+                # No transaction block to hold a savepoint, and each statement
+                # would commit on its own: the batch gets a transaction of its
+                # own, so a refusal half-way leaves nothing behind.
+                async with bulk.transaction_block(conn):
+                    return await _write_prepared(conn, prepared, returning)
             async with self.session.begin_nested():
                 # Asking the session for its connection inside the block is what
                 # emits the SAVEPOINT (the session creates it lazily).
                 conn = await self.session.connection()
                 return await _write_prepared(conn, prepared, returning)
-        except DB_ERRORS as exc:
-            raise translate_db_error(exc, f"recording {len(prepared)} events") from exc
+        except Exception as exc:
+            if bulk.from_database(exc):
+                raise translate_db_error(exc, f"recording {len(prepared)} events") from exc
+            raise
 
     # ---------------------------------------------------------- stage helpers
 

@@ -275,8 +275,6 @@ class AuditWriter:
             corrects=corrects,
             max_payload_bytes=self.max_payload_bytes,
         )
-        if prepared.corrects_id is not None:
-            await self._check_corrected(prepared.corrects_id)
         return await self.record_prepared(prepared)
 
     async def _check_corrected(self, event_id: UUID) -> None:
@@ -291,12 +289,17 @@ class AuditWriter:
     async def record_prepared(self, event: PreparedEvent) -> AuditRecord:
         """Queue an event validated by :func:`~audit_orm.repository.prepare_event`.
 
-        Returns its record once committed; raises as :meth:`record` does.
+        Returns its record once committed; raises as :meth:`record` does,
+        including :class:`InvalidInputError` when ``corrects_id`` names no
+        recorded event (looked up before the event is queued).
         """
         if self._closing:
             raise WriterClosedError("the audit writer is closed")
         if self._task is None:
             await self.start()
+        if event.corrects_id is not None:
+            # Here rather than in record(), so no way in skips it.
+            await self._check_corrected(event.corrects_id)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AuditRecord] = loop.create_future()
         self._putting += 1
