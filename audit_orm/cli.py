@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit_orm import grants, migrate, sealing
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
+from audit_orm.display import escape_controls, escape_json
 from audit_orm.errors import AuditError, InvalidInputError
 from audit_orm.export import FORMATS, TerminalProgress, export_events
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
@@ -58,7 +59,7 @@ async def cmd_trail(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) 
         trail = await AuditRepository(session).order_trail(order_id, rec_id)
     if args.json:
         for record in trail:
-            print(record.to_json(), file=out)
+            print(escape_json(record.to_json()), file=out)
     elif trail:
         print(render_timeline(trail), file=out)
     else:
@@ -86,15 +87,15 @@ async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     try:
         report = await replay_spool(args.spool, engine, chunk_size=args.chunk_size, retry=policy)
     except ReplayInterruptedError as exc:
-        print(f"replay interrupted: {exc.report.summary()}", file=out)
+        print(escape_controls(f"replay interrupted: {exc.report.summary()}"), file=out)
         raise
     if not report.records and not report.rejected:
-        print(f"nothing to replay in {report.spool}", file=out)
+        print(escape_controls(f"nothing to replay in {report.spool}"), file=out)
         return 0
-    print(report.summary(), file=out)
+    print(escape_controls(report.summary()), file=out)
     for problem in report.rejected:
         where = f"line {problem.line}" if problem.line else f"event {problem.event_id}"
-        print(f"  rejected {where}: {problem.reason}", file=out)
+        print(escape_controls(f"  rejected {where}: {problem.reason}"), file=out)
     return 0 if report.ok else 1
 
 
@@ -172,7 +173,7 @@ async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
         return 0
     print(f"FAILED: {report.problem_count} problems; {summary}", file=out)
     for problem in report.problems:
-        print(f"  {problem}", file=out)
+        print(escape_controls(f"  {problem}"), file=out)
     if report.problem_count > len(report.problems):
         print(f"  ... and {report.problem_count - len(report.problems)} more", file=out)
     return 1
@@ -215,7 +216,15 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise InvalidInputError(flag, value, "is not an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInputError(
+            flag, value, "is outside the years 1 to 9999 once converted to UTC"
+        ) from None
+    return parsed
 
 
 async def cmd_export(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
@@ -249,7 +258,7 @@ async def cmd_export(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     finally:
         if bar is not None:
             bar.finish()
-    print(f"exported {count} records to {args.output}", file=out)
+    print(f"exported {count} records to {escape_controls(args.output)}", file=out)
     return 0
 
 
@@ -382,16 +391,45 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         await engine.dispose()
 
 
+#: The command-line option behind each argument name the library reports, so
+#: that every error names what the user typed.
+OPTION_NAMES = {
+    "since": "--since",
+    "until": "--until",
+    "ticker": "--ticker",
+    "event_type": "--event-type",
+    "event_types": "--event-type",
+    "format": "--format",
+    "chunk_size": "--chunk-size",
+    "attempts": "--attempts",
+    "block_size": "--block-size",
+    "max_wait": "--max-wait",
+    "max_problems": "--max-problems",
+    "digest": "--digest",
+    "writer": "--writer",
+    "reader": "--reader",
+    "sealer": "--sealer",
+    "roles": "--writer, --reader or --sealer",
+    "spool": "SPOOL",
+}
+
+
+def error_message(exc: BaseException) -> str:
+    """What the CLI prints for ``exc``: its option named, nothing a terminal acts on."""
+    if isinstance(exc, InvalidInputError) and exc.field in OPTION_NAMES:
+        text = str(InvalidInputError(OPTION_NAMES[exc.field], exc.value, exc.reason))
+    else:
+        text = str(exc)
+    return escape_controls(f"audit-orm: error: {text}")
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Entry point of the ``audit-orm`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args, out or sys.stdout))
-    except AuditError as exc:
-        print(f"audit-orm: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"audit-orm: error: {exc}", file=sys.stderr)
+    except (AuditError, OSError, ValueError) as exc:
+        print(error_message(exc), file=sys.stderr)
         return 2
 
 

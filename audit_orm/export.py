@@ -1,4 +1,4 @@
-"""Export audit events for readers outside engineering: JSON Lines or CSV.
+r"""Export audit events for readers outside engineering: JSON Lines or CSV.
 
 Records come out in recorded order (``seq``) with every field, timestamps in
 UTC as ISO 8601 (``2026-11-30T14:05:09.123456Z``) and numbers exactly as stored.
@@ -8,16 +8,23 @@ next, so memory stays constant however many records match.
 CSV is laid out for a spreadsheet: one row per event, the record's own columns,
 then one ``data.<field>`` column per payload field of the exported event types,
 then the whole payload as JSON in ``data`` (nothing is lost, even keys no
-payload model knows). Text cells that a spreadsheet would run as a formula
-(starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) get a
-leading ``'``; the ``data`` column and JSON Lines keep the text untouched.
+payload model knows).
+
+Both formats are opened by people, so neither carries a character that would
+act on a terminal or reorder text: JSON writes C1 controls, bidirectional
+formatting characters and line separators as ``\uNNNN`` escapes (the JSON
+ones: the parsed value is unchanged). CSV text cells show every control
+character, newlines and tabs included, as ``\n``, ``\x1b``, ``\u202e``...
+(:func:`~audit_orm.display.escape_controls`); the ``data`` column, JSON as
+above, keeps the exact text. Text cells that a spreadsheet would run as a
+formula (starting with ``=``, ``+``, ``-`` or ``@``) get a leading ``'``.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, TextIO
 from uuid import UUID
@@ -26,6 +33,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from audit_orm.display import escape_controls, escape_json, utc_timestamp
 from audit_orm.enums import AuditEventType
 from audit_orm.errors import DB_ERRORS, InvalidInputError, translate_db_error
 from audit_orm.jsonb import dumps_exact
@@ -57,12 +65,8 @@ RECORD_FIELDS = (
     "id",
 )
 
-_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def utc_timestamp(value: datetime) -> str:
-    """ISO 8601 in UTC with microseconds and a ``Z``: fixed width, so it sorts as text."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+# A tab or carriage return cannot start a cell any more: escape_controls() shows them escaped.
+_FORMULA_PREFIXES = ("=", "+", "-", "@")
 
 
 def export_dict(record: AuditRecord) -> dict[str, Any]:
@@ -105,11 +109,16 @@ def csv_header(event_types: Iterable[AuditEventType] | None = None) -> list[str]
 
 
 def _text_cell(value: str) -> str:
-    return "'" + value if value.startswith(_FORMULA_PREFIXES) else value
+    shown = escape_controls(value)
+    return "'" + shown if shown.startswith(_FORMULA_PREFIXES) else shown
 
 
 def csv_cell(value: Any) -> str:
-    """One spreadsheet cell: exact decimals without exponent, JSON for lists and objects."""
+    """One spreadsheet cell: exact decimals without exponent, JSON for lists and objects.
+
+    Text is escaped (:func:`~audit_orm.display.escape_controls`: a cell is one
+    line, nothing in it drives a terminal or reorders text) and a formula is defused.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -121,7 +130,7 @@ def csv_cell(value: Any) -> str:
     if isinstance(value, str):
         return _text_cell(value)
     if isinstance(value, (dict, list)):
-        return dumps_exact(value)
+        return escape_json(dumps_exact(value))
     return _text_cell(str(value))
 
 
@@ -132,7 +141,7 @@ def csv_row(record: AuditRecord, fields: Sequence[str]) -> list[str]:
     return [
         *(csv_cell(exported[name]) for name in RECORD_FIELDS),
         *(csv_cell(data.get(name)) for name in fields),
-        dumps_exact(data),
+        escape_json(dumps_exact(data)),
     ]
 
 
@@ -190,7 +199,7 @@ async def _write(
         if writer is not None:
             writer.writerows(csv_row(record, fields) for record in chunk)
         else:
-            out.writelines(dumps_exact(export_dict(record)) + "\n" for record in chunk)
+            out.writelines(escape_json(dumps_exact(export_dict(record))) + "\n" for record in chunk)
         written += len(chunk)
         if progress is not None:
             progress(written, total)

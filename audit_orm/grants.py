@@ -17,6 +17,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from audit_orm.display import UNSAFE_CHARACTERS
 from audit_orm.errors import DB_ERRORS, InvalidInputError, translate_db_error
 
 _TABLES = "audit_events, audit_seals"
@@ -27,7 +28,12 @@ def quote_role(role: str, field: str) -> str:
     """``role`` as a quoted SQL identifier, after checking it is a plausible name."""
     if not isinstance(role, str) or not role or role.isspace():
         raise InvalidInputError(field, role, "must be a role name")
-    if "\x00" in role or len(role.encode()) > _NAME_MAX_BYTES:
+    if UNSAFE_CHARACTERS.search(role):
+        # PostgreSQL would take them quoted, but the statements are printed for review.
+        raise InvalidInputError(
+            field, role, "must not contain control or bidirectional formatting characters"
+        )
+    if len(role.encode()) > _NAME_MAX_BYTES:
         raise InvalidInputError(field, role, "is not a valid PostgreSQL role name")
     if role.lower() == "public":
         raise InvalidInputError(field, role, "must be a role, not PUBLIC")

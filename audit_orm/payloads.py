@@ -14,7 +14,6 @@ that matter for an audit store:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
@@ -30,6 +29,7 @@ from pydantic import (
     ValidationError,
 )
 
+from audit_orm.display import UNSAFE_CHARACTERS
 from audit_orm.enums import EVENT_TYPES_BY_VALUE, AuditEventType
 from audit_orm.errors import InvalidPayloadError, UnknownEventTypeError
 
@@ -40,15 +40,18 @@ def _no_nul(value: str) -> str:
     return value
 
 
-#: C0 and C1 control characters and DEL (one regex search instead of a loop per
-#: character: every event has a ticker and labels).
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: C0 and C1 control characters, DEL, bidirectional formatting characters and
+#: line separators (one regex search instead of a loop per character: every
+#: event has a ticker and labels). A symbol must read as it is stored.
+CONTROL_CHARACTERS = UNSAFE_CHARACTERS
 
 
 def _no_control(value: str) -> str:
     _no_nul(value)
     if CONTROL_CHARACTERS.search(value):
-        raise ValueError("control characters are not allowed in a symbol or label")
+        raise ValueError(
+            "control characters and bidirectional formatting are not allowed in a symbol or label"
+        )
     return value
 
 

@@ -7,7 +7,6 @@ change it describes, and a rollback leaves no audit row.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +19,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from audit_orm import bulk
+from audit_orm.display import UNSAFE_CHARACTERS
 from audit_orm.enums import ENTITY_TYPES_BY_VALUE, AuditEventType, EntityType
 from audit_orm.errors import (
     DB_ERRORS,
@@ -89,19 +89,23 @@ def coerce_entity_type(value: Any) -> EntityType:
     )
 
 
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
-
-
 def check_actor(actor: Any) -> str:
-    """Validate an actor name: non-empty text without control characters."""
+    """Validate an actor name: non-empty text without control characters.
+
+    C0 and C1 controls, DEL, bidirectional formatting characters and line
+    separators are refused (see :data:`~audit_orm.display.UNSAFE_CHARACTERS`):
+    an actor is shown on every line of a trail, and must read as it is stored.
+    """
     if not isinstance(actor, str):
         raise InvalidInputError("actor", actor, "must be a string")
     if not actor or actor.isspace():
         raise InvalidInputError("actor", actor, "must not be empty")
     if len(actor) > ACTOR_MAX_LENGTH:
         raise InvalidInputError("actor", actor, f"must be at most {ACTOR_MAX_LENGTH} characters")
-    if _CONTROL_CHARS.search(actor):
-        raise InvalidInputError("actor", actor, "must not contain control characters")
+    if UNSAFE_CHARACTERS.search(actor):
+        raise InvalidInputError(
+            "actor", actor, "must not contain control characters or bidirectional formatting"
+        )
     return actor
 
 

@@ -137,7 +137,7 @@ def test_bad_arguments_exit_2_and_write_nothing(
     for argv, named in [
         (["--since", "last tuesday"], "--since"),
         (["--order", "12"], "--order"),
-        (["--event-type", "order.teleported"], "event_type"),
+        (["--event-type", "order.teleported"], "--event-type"),
     ]:
         code, text = run(demo.url, *argv, "--output", str(target))
         assert (code, text) == (2, "")

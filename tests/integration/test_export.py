@@ -182,7 +182,10 @@ async def test_csv_is_spreadsheet_ready(data: Dataset) -> None:
 
     (reviewed,) = by_type["approval.approved"]
     assert reviewed["data.approved"] == "true"
-    assert reviewed["data.review_note"] == NOTE  # commas, quotes, newline, Unicode
+    # Commas, quotes and Unicode as they are; the newline shown as an escape (one
+    # line per cell), the exact note in the data column.
+    assert reviewed["data.review_note"] == NOTE.replace("\n", "\\n")
+    assert json.loads(reviewed["data"])["review_note"] == NOTE
     assert reviewed["actor"] == "ops-anna"
     (risk,) = by_type["risk.evaluated"]
     assert risk["data.rejection_reasons"] == "[]"
