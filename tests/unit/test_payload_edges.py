@@ -349,8 +349,8 @@ def test_control_characters_are_refused_in_labels_and_tickers(char: str) -> None
     if char == "\x00":
         assert "NUL characters" in ticker.reason
     else:
-        assert "control characters are not allowed in a symbol or label" in ticker.reason
-        assert "control characters are not allowed in a symbol or label" in side.reason
+        assert "not allowed in a symbol or label" in ticker.reason
+        assert "not allowed in a symbol or label" in side.reason
 
 
 @pytest.mark.parametrize("char", [" ", "~", "\xa0", "é", "€"])
