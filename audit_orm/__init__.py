@@ -21,6 +21,7 @@ from audit_orm.errors import (
     SealingError,
     UnknownEntityTypeError,
     UnknownEventTypeError,
+    UnreadableRowError,
     WriterClosedError,
 )
 from audit_orm.export import export_events
@@ -87,6 +88,7 @@ __all__ = [
     "SpooledRecord",
     "UnknownEntityTypeError",
     "UnknownEventTypeError",
+    "UnreadableRowError",
     "VerifyReport",
     "WriterClosedError",
     "__version__",

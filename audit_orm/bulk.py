@@ -47,7 +47,7 @@ from audit_orm.errors import (
     translate_db_error,
 )
 from audit_orm.jsonb import loads_exact
-from audit_orm.records import AuditRecord, record_from_row
+from audit_orm.records import AuditRecord, readable_time_sql, record_from_row
 
 if TYPE_CHECKING:
     from audit_orm.repository import PreparedEvent
@@ -99,8 +99,9 @@ SELECT_KEYS_SQL = (
 )
 
 SELECT_STORED_SQL = (
-    "SELECT id, seq, event_type, entity_type, entity_id, actor, data::text, occurred_at, "
-    "recorded_at, recommendation_id, order_id, ticker, corrects_id "
+    "SELECT id, seq, event_type, entity_type, entity_id, actor, data::text, "
+    f"{readable_time_sql('occurred_at')}, {readable_time_sql('recorded_at')}, "
+    "recommendation_id, order_id, ticker, corrects_id "
     "FROM audit_events WHERE id = ANY($1::uuid[])"
 )
 
@@ -306,7 +307,7 @@ async def fetch_stored(conn: AsyncConnection, ids: Sequence[UUID]) -> dict[UUID,
     link = await _link(conn)
     stored: dict[UUID, AuditRecord] = {}
     for row in await link.fetch(SELECT_STORED_SQL, list(ids)):
-        stored[row[0]] = record_from_row(row, data_is_text=True)
+        stored[row[0]] = record_from_row(row)
     return stored
 
 

@@ -138,6 +138,24 @@ class SealingError(AuditError):
     """
 
 
+class UnreadableRowError(AuditError):
+    """A stored row cannot be read back as an :class:`~audit_orm.AuditRecord`.
+
+    Rows written through this package always can; a row inserted by plain SQL
+    (or written before a constraint existed) may hold what no record can: a
+    ``data`` that is not a JSON object, a number too long or nesting too deep
+    to decode, an event or entity type this version does not know, a time
+    outside the years 1 to 9999. Readers name the row (``seq``, ``event_id``)
+    and the ``reason`` rather than fail on it with an untyped error.
+    """
+
+    def __init__(self, seq: Any, event_id: Any, reason: str) -> None:
+        self.seq = seq
+        self.event_id = event_id
+        self.reason = reason
+        super().__init__(f"row seq {seq} (id {event_id}) cannot be read: {reason}")
+
+
 class WriterClosedError(AuditError):
     """The :class:`~audit_orm.AuditWriter` is closed (or closing) and takes no more events."""
 

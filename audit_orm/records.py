@@ -14,6 +14,7 @@ from audit_orm.enums import (
     AuditEventType,
     EntityType,
 )
+from audit_orm.errors import UnreadableRowError
 from audit_orm.jsonb import dumps_exact, loads_exact
 from audit_orm.payloads import AuditPayload, validate_payload
 
@@ -89,21 +90,96 @@ class AuditPage:
     next_cursor: str | None
 
 
-def record_from_row(row: Sequence[Any], *, data_is_text: bool = False) -> AuditRecord:
+#: The deepest nesting of arrays and objects a reader accepts in ``data``.
+#: Payloads are flat; JSON nested much deeper than this would exhaust Python's
+#: recursion limit somewhere downstream (encoding it again, rendering it).
+MAX_DATA_DEPTH = 100
+
+#: Times a Python datetime holds (years 1 to 9999 in UTC). Readers select a time
+#: outside them (or infinity, which PostgreSQL allows) as NULL, since the driver
+#: cannot decode it, and refuse the row by name.
+FIRST_READABLE_TIME = "'0001-01-01 00:00:00+00'::timestamptz"
+LAST_READABLE_TIME = "'9999-12-31 23:59:59.999999+00'::timestamptz"
+
+
+def readable_time_sql(column: str) -> str:
+    """SQL giving ``column`` where a reader can decode it, NULL elsewhere."""
+    return (
+        f"CASE WHEN {column} BETWEEN {FIRST_READABLE_TIME} AND {LAST_READABLE_TIME} "
+        f"THEN {column} END"
+    )
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    # Iterative, so that the check itself cannot exhaust the stack.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _readable_data(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """``raw`` (JSON text, or already decoded) as a dict, or the reason it is none."""
+    text = raw if isinstance(raw, str) else None
+    if text is not None:
+        try:
+            data = loads_exact(text)
+        except RecursionError:
+            return None, f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+        except ValueError as exc:
+            # Python refuses integers of more than 4300 digits, for one.
+            return None, f"data cannot be decoded: {exc}"
+    else:
+        data = raw
+    if type(data) is not dict:
+        kind = "null" if data is None else type(data).__name__
+        return None, f"data is a JSON {kind}, not an object"
+    # Counting brackets is cheap and bounds the depth: only a row with many
+    # of them is walked.
+    if (text is None or text.count("[") + text.count("{") > MAX_DATA_DEPTH) and _too_deep(
+        data, MAX_DATA_DEPTH
+    ):
+        return None, f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+    return data, None
+
+
+def record_from_row(row: Sequence[Any]) -> AuditRecord:
     """Build an :class:`AuditRecord` from a row in ``RECORD_COLUMNS`` order.
 
-    Rows read through the ORM carry ``data`` already decoded (exactly, by the
-    column type); rows read straight from the driver carry it as ``data::text``:
-    say so with ``data_is_text``.
+    ``data`` comes as JSON text (``data::text``: the driver's own JSON codec,
+    set by the host application, never sees it) and is decoded exactly here;
+    already decoded data is taken as it is. Times come through
+    :func:`readable_time_sql`.
+
+    :raises UnreadableRowError: the row holds what no record can (see the error).
     """
+    event_type = EVENT_TYPES_BY_VALUE.get(row[2])
+    entity_type = ENTITY_TYPES_BY_VALUE.get(row[3])
+    data, problem = _readable_data(row[6])
+    if event_type is None:
+        # The columns are short (VARCHAR(64), VARCHAR(32)): repr shows them whole, escaped.
+        problem = f"event_type {row[2]!r} is not one this version knows"
+    elif entity_type is None:
+        problem = f"entity_type {row[3]!r} is not one this version knows"
+    elif row[7] is None or row[8] is None:
+        which = "occurred_at" if row[7] is None else "recorded_at"
+        problem = f"{which} is not a time between the years 1 and 9999 (UTC)"
+    if problem is not None or data is None or event_type is None or entity_type is None:
+        raise UnreadableRowError(row[1], row[0], problem or "unreadable")
     return AuditRecord(
         id=row[0],
         seq=row[1],
-        event_type=EVENT_TYPES_BY_VALUE[row[2]],
-        entity_type=ENTITY_TYPES_BY_VALUE[row[3]],
+        event_type=event_type,
+        entity_type=entity_type,
         entity_id=row[4],
         actor=row[5],
-        data=loads_exact(row[6]) if data_is_text else row[6],
+        data=data,
         occurred_at=row[7],
         recorded_at=row[8],
         recommendation_id=row[9],

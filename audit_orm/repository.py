@@ -14,9 +14,24 @@ from decimal import Decimal
 from typing import Any, Literal, Required, TypedDict, Unpack, overload
 from uuid import UUID
 
-from sqlalchemy import ColumnElement, Select, Uuid, and_, any_, bindparam, func, select, union
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Text,
+    Uuid,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    union,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql import FromClause
 
 from audit_orm import bulk
 from audit_orm.display import UNSAFE_CHARACTERS
@@ -40,7 +55,13 @@ from audit_orm.payloads import (
     payload_to_data,
     validate_payload,
 )
-from audit_orm.records import AuditPage, AuditRecord, record_from_row
+from audit_orm.records import (
+    FIRST_READABLE_TIME,
+    LAST_READABLE_TIME,
+    AuditPage,
+    AuditRecord,
+    record_from_row,
+)
 
 #: Rows fetched per round trip by :meth:`AuditRepository.stream`.
 DEFAULT_STREAM_CHUNK = 1_000
@@ -50,22 +71,44 @@ DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 _E = AuditEventType
 _ORDER_ENTITIES = frozenset({EntityType.ORDER, EntityType.POSITION})
 
-#: The columns a record is built from, in :class:`AuditRecord` field order.
-RECORD_COLUMNS = (
-    AuditEvent.id,
-    AuditEvent.seq,
-    AuditEvent.event_type,
-    AuditEvent.entity_type,
-    AuditEvent.entity_id,
-    AuditEvent.actor,
-    AuditEvent.data,
-    AuditEvent.occurred_at,
-    AuditEvent.recorded_at,
-    AuditEvent.recommendation_id,
-    AuditEvent.order_id,
-    AuditEvent.ticker,
-    AuditEvent.corrects_id,
-)
+
+def record_columns(table: FromClause) -> tuple[ColumnElement[Any], ...]:
+    """The columns a record is built from, in :class:`AuditRecord` field order.
+
+    ``data`` comes as text, decoded by :func:`~audit_orm.records.record_from_row`
+    (which can then name a row it cannot decode), and the times only where a
+    Python datetime can hold them (see :func:`~audit_orm.records.readable_time_sql`).
+    """
+    c = table.c
+    return (
+        c.id,
+        c.seq,
+        c.event_type,
+        c.entity_type,
+        c.entity_id,
+        c.actor,
+        cast(c.data, Text).label("data"),
+        _readable_time(c.occurred_at),
+        _readable_time(c.recorded_at),
+        c.recommendation_id,
+        c.order_id,
+        c.ticker,
+        c.corrects_id,
+    )
+
+
+_FIRST_TIME: ColumnElement[datetime] = literal_column(FIRST_READABLE_TIME)
+_LAST_TIME: ColumnElement[datetime] = literal_column(LAST_READABLE_TIME)
+
+
+def _readable_time(column: ColumnElement[datetime]) -> ColumnElement[datetime]:
+    # NULL where the driver could not decode the value; the record builder
+    # refuses such a row by name.
+    return case((column.between(_FIRST_TIME, _LAST_TIME), column)).label(column.key)
+
+
+#: The columns a record is built from (see :func:`record_columns`).
+RECORD_COLUMNS = record_columns(AuditEvent.__table__)
 
 
 class RecordOptions(TypedDict, total=False):
@@ -500,9 +543,8 @@ def _order_trail_select(
             by_recommendation.c.recommendation_id == recommendation
         ),
     ).scalar_subquery()
-    columns = [table.c[column.key] for column in RECORD_COLUMNS]
     return (
-        select(*columns)
+        select(*record_columns(table))
         .where(table.c.entity_id == any_(func.array(chain_entities)))
         .order_by(table.c.seq)
     )
@@ -1117,7 +1159,7 @@ class AuditRepository:
                 # driver, as the bulk module does, a trail being a hot path.
                 sql, args = _ORDER_TRAIL_DRIVER[rid is not None].render(conn.dialect, params)
                 rows = await bulk.driver_fetch(conn, driver, sql, *args)
-                return [record_from_row(row, data_is_text=True) for row in rows]
+                return [record_from_row(row) for row in rows]
             # On the session's connection: the statement is plain Core, and the
             # ORM layer of session.execute() would only add per-call overhead.
             stmt = ORDER_TRAIL if rid is None else ORDER_TRAIL_WITH_RECOMMENDATION
