@@ -24,6 +24,9 @@ from audit_orm.payloads import (
     AMOUNT_MAX_DIGITS,
     PAYLOAD_MODELS,
     OrderFilledPayload,
+    _describe,
+    _finite,
+    _finite_float,
     coerce_event_type,
     payload_to_data,
 )
@@ -546,3 +549,58 @@ def test_naive_and_aware_datetimes() -> None:
         "approval.requested", {**base, "expires_at": datetime(2026, 1, 1, tzinfo=UTC)}
     )
     assert payload_to_data(aware)["expires_at"] == "2026-01-01T00:00:00+00:00"
+
+
+# ---------------------------------------------------------------- defence in depth
+
+
+@pytest.mark.parametrize("value", [Decimal("NaN"), Decimal("sNaN"), Decimal("-Infinity")])
+def test_the_amount_validator_refuses_non_finite_numbers_itself(value: Decimal) -> None:
+    """pydantic refuses NaN first (allow_inf_nan=False); the validator does too, on its own.
+
+    So turning that model option off, or a pydantic that lets a non-finite Decimal
+    through, still cannot put a number JSON cannot hold into a payload.
+    """
+    with pytest.raises(ValueError, match=r"^must be a finite number$"):
+        _finite(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_the_score_validator_refuses_non_finite_numbers_itself(value: float) -> None:
+    """As for amounts: the score validator does not rely on the model option alone."""
+    with pytest.raises(ValueError, match=r"^must be a finite number$"):
+        _finite_float(value)
+
+
+def test_validator_messages_are_exact() -> None:
+    """The reasons a caller reads are the validators' words, whole."""
+    nul = _refused("broker_order_id", broker_order_id="B\x00")
+    assert nul.reason == (
+        "Value error, NUL characters cannot be stored in PostgreSQL text or JSONB for order.filled"
+    )
+    digits = _refused("fill_price", fill_price=Decimal("1E+1000"))
+    assert digits.reason == (
+        "Value error, must have at most 1000 digits before and after the decimal point "
+        "for order.filled"
+    )
+    control = _refused("side", side="b\x01")
+    assert control.reason.startswith("Value error, control characters ")
+    assert control.reason.endswith(" are not allowed in a symbol or label for order.filled")
+
+
+def test_a_key_that_is_not_a_string_is_named_in_the_error() -> None:
+    """The refused key is the error's value, so the caller sees which one it was."""
+    with pytest.raises(InvalidPayloadError) as info:
+        validate_payload("order.filled", {**FILL, 7: "x"})
+    assert info.value.value == 7
+
+
+def test_a_problem_with_the_whole_payload_is_about_data() -> None:
+    """A problem located nowhere inside the payload is reported as ``data`` itself."""
+    with pytest.raises(ValidationError) as raised:
+        OrderFilledPayload.model_validate("not a mapping")
+    error = _describe(raised.value, AuditEventType.ORDER_FILLED)
+    # Unreachable through validate_payload (it hands pydantic a dict), hence the
+    # doubled name the fallback gives; what matters is that it names the payload.
+    assert error.field in {"data", "data.data"}
+    assert error.value == "not a mapping"
