@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -262,20 +263,79 @@ async def cmd_export(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     return 0
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_output_path(target: Path) -> None:
+    """Refuse ``--output`` unless it names a regular file or a path that does not exist yet.
+
+    The export is renamed onto the target: renamed onto a device, a FIFO or a
+    symbolic link it would replace that, not write to it. A symbolic link is
+    refused even to a regular file: name the file itself.
+    """
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise InvalidInputError(
+                "--output", str(target), "is in a directory that does not exist"
+            ) from None
+        return
+    except OSError as exc:
+        raise InvalidInputError("--output", str(target), f"cannot be examined: {exc}") from None
+    if stat.S_ISLNK(found.st_mode):
+        raise InvalidInputError("--output", str(target), "is a symbolic link: name the file itself")
+    if not stat.S_ISREG(found.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(found.st_mode)), "not a file")
+        raise InvalidInputError(
+            "--output",
+            str(target),
+            f"is {kind}: only a regular file or a new path is replaced by an export",
+        )
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def replaced_on_success(target: Path, encoding: str) -> Iterator[TextIO]:
     """A text file written beside ``target`` and renamed onto it only if the block succeeds.
 
-    A failed export then never leaves a truncated file under the requested name.
+    A failed export then never leaves a truncated file under the requested
+    name. The file is flushed to disk before the rename and the directory
+    after it, so a crash leaves the old file or the whole new one. The
+    target is checked again just before the rename (see
+    :func:`check_output_path`); the file is created with mode 0600.
     """
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    check_output_path(target)
+    try:
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as exc:
+        raise InvalidInputError(
+            "--output", str(target), f"cannot be written beside: {exc.strerror}"
+        ) from None
     try:
         with open(fd, "w", encoding=encoding, newline="") as stream:
             yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        check_output_path(target)
         os.replace(partial, target)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+    _fsync_directory(target.parent)
 
 
 def build_parser() -> argparse.ArgumentParser:
