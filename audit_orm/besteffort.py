@@ -30,22 +30,26 @@ What still raises, on purpose:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, overload
+from typing import Any, Literal, NoReturn, TypeVar, overload
 from uuid import UUID
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
+from audit_orm import bulk
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     DB_ERRORS,
     AuditSpoolError,
     AuditStorageError,
+    AuditTransactionLostError,
     InvalidInputError,
     translate_db_error,
 )
@@ -65,19 +69,39 @@ logger = logging.getLogger("audit_orm.spool")
 
 _TRACKER_KEY = "audit_orm.spooled_events"
 _VOID_REASON = "the transaction that carried the event rolled back"
+_LOST_REASON = "the transaction that carried the event was lost (its savepoint failed)"
+
+T = TypeVar("T")
+
+#: What a savepoint step can fail with.
+_FAILURES: tuple[type[BaseException], ...] = (AuditStorageError, *DB_ERRORS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _as_storage_error(exc: BaseException, action: str) -> AuditStorageError:
+    if isinstance(exc, AuditStorageError):
+        return exc
+    failure = translate_db_error(exc, action)
+    failure.__cause__ = exc
+    return failure
 
 
 class _OutcomeTracker:
-    """Follows spooled events to the end of the transaction that carried them.
+    """Follows spooled write attempts to the end of the transaction that carried them.
 
-    Events are filed under the innermost transaction open when they were
+    Attempts are filed under the innermost transaction open when they were
     spooled. When a nested transaction commits they move to its parent; when
     the outermost one commits they are confirmed; when any of them ends without
-    committing, its events are voided in their spool.
+    committing, its attempts are voided in their spool (each void names its
+    attempt, so an earlier or later attempt of the same event is untouched).
     """
 
     def __init__(self, session: Session) -> None:
-        self.pending: dict[SessionTransaction, list[tuple[Spool, UUID]]] = {}
+        self.pending: dict[SessionTransaction, list[_Attempt]] = {}
         self.committed: set[SessionTransaction] = set()
         event.listen(session, "after_commit", self.after_commit)
         event.listen(session, "after_transaction_end", self.after_transaction_end)
@@ -89,8 +113,8 @@ class _OutcomeTracker:
             tracker = session.info[_TRACKER_KEY] = cls(session)
         return tracker
 
-    def add(self, transaction: SessionTransaction, spool: Spool, event_id: UUID) -> None:
-        self.pending.setdefault(transaction, []).append((spool, event_id))
+    def add(self, transaction: SessionTransaction, attempt: _Attempt) -> None:
+        self.pending.setdefault(transaction, []).append(attempt)
 
     def after_commit(self, session: Session) -> None:
         # Dispatched before the committing transaction closes, so it is still
@@ -102,36 +126,54 @@ class _OutcomeTracker:
     def after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
         committed = transaction in self.committed
         self.committed.discard(transaction)
-        events = self.pending.pop(transaction, None)
-        if not events:
+        attempts = self.pending.pop(transaction, None)
+        if not attempts:
             return
         if committed:
             if transaction.parent is not None:
-                self.pending.setdefault(transaction.parent, []).extend(events)
+                self.pending.setdefault(transaction.parent, []).extend(attempts)
             return
-        by_spool: dict[Spool, list[UUID]] = {}
-        for spool, event_id in events:
-            by_spool.setdefault(spool, []).append(event_id)
-        for spool, ids in by_spool.items():
-            try:
-                spool.append_voids(ids, _VOID_REASON)
-            except AuditSpoolError:
-                # Raising from a rollback would hide the caller's own error;
-                # replay will write these events, so make that visible.
-                logger.exception(
-                    "could not void %d spooled event(s) in %s; replay will write them: %s",
-                    len(ids),
-                    spool.path,
-                    ", ".join(str(i) for i in ids),
-                )
-                continue
-            logger.warning(
-                "voided %d spooled audit event(s) in %s (%s): %s",
+        _void(attempts, _VOID_REASON)
+
+    def void_everything(self, reason: str) -> None:
+        """Void every attempt still pending in this session (its transaction is lost)."""
+        attempts = [a for pending in self.pending.values() for a in pending]
+        self.pending.clear()
+        _void(attempts, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One spooled write call: the events it spooled, under one attempt token."""
+
+    spool: Spool
+    token: str
+    event_ids: tuple[UUID, ...]
+
+
+def _void(attempts: list[_Attempt], reason: str) -> None:
+    for attempt in attempts:
+        ids = attempt.event_ids
+        try:
+            attempt.spool.append_voids(ids, reason, attempt=attempt.token)
+        except AuditSpoolError:
+            # Raising from a rollback would hide the caller's own error;
+            # replay will write these events, so make that visible.
+            logger.exception(
+                "could not void %d spooled event(s) in %s; replay will write them: %s",
                 len(ids),
-                spool.path,
-                _VOID_REASON,
+                attempt.spool.path,
                 ", ".join(str(i) for i in ids),
             )
+            continue
+        logger.warning(
+            "voided %d spooled audit event(s) of attempt %s in %s (%s): %s",
+            len(ids),
+            attempt.token,
+            attempt.spool.path,
+            reason,
+            ", ".join(str(i) for i in ids),
+        )
 
 
 class BestEffortRepository(AuditRepository):
@@ -192,29 +234,30 @@ class BestEffortRepository(AuditRepository):
             max_payload_bytes=self.max_payload_bytes,
         )
         if prepared.corrects_id is not None:
-            try:
-                async with self.session.begin_nested():
-                    found = await self.get(prepared.corrects_id)
-            except AuditStorageError as exc:
-                return await self._spool(prepared, exc)
-            except DB_ERRORS as exc:
-                return await self._spool(prepared, translate_db_error(exc, "looking up corrects"))
+            target = prepared.corrects_id
+            found, failure = await self._isolated(
+                lambda: self.get(target), "looking up the event it corrects"
+            )
+            if failure is not None:
+                return (await self._spool([prepared], failure))[0]
             if found is None:
                 raise InvalidInputError("corrects", corrects, "no event with this id was recorded")
         return await self.insert_prepared(prepared)
 
     async def insert_prepared(self, prepared: PreparedEvent) -> AuditRecord:
-        """Insert inside a savepoint; on a database failure, spool the event instead."""
-        try:
-            async with self.session.begin_nested():
-                return await super().insert_prepared(prepared)
-        except AuditStorageError as exc:
-            failure: AuditStorageError = exc
-        except DB_ERRORS as exc:
-            # The savepoint itself could not be opened, released or rolled back.
-            failure = translate_db_error(exc, f"recording {prepared.event_type.value}")
-            failure.__cause__ = exc
-        return await self._spool(prepared, failure)
+        """Insert inside a savepoint; on a database failure, spool the event instead.
+
+        :raises AuditTransactionLostError: the savepoint itself failed (see the
+            module docs); nothing is spooled and the transaction must be retried.
+        """
+        record, failure = await self._isolated(
+            lambda: AuditRepository.insert_prepared(self, prepared),
+            f"recording {prepared.event_type.value}",
+        )
+        if failure is not None:
+            return (await self._spool([prepared], failure))[0]
+        assert record is not None
+        return record
 
     @overload
     async def record_many(
@@ -239,29 +282,111 @@ class BestEffortRepository(AuditRepository):
         prepared = prepare_batch(events, max_payload_bytes=self.max_payload_bytes)
         if not prepared:
             return [] if returning else 0
-        try:
-            # The base class's own savepoint covers the INSERT; this one covers
-            # the lookups it makes first (corrections), so no failure of the
-            # batch can abort the caller's transaction.
-            async with self.session.begin_nested():
-                if returning:
-                    return await super().record_many(prepared)
-                return await super().record_many(prepared, returning=False)
-        except AuditSpoolError:
-            raise
-        except AuditStorageError as exc:
-            failure: AuditStorageError = exc
-        except DB_ERRORS as exc:
-            failure = translate_db_error(exc, f"recording {len(prepared)} events")
-            failure.__cause__ = exc
-        records = await self._spool_all(prepared, failure)
+
+        async def write() -> list[AuditRecord] | int:
+            if returning:
+                return await AuditRepository.record_many(self, prepared)
+            return await AuditRepository.record_many(self, prepared, returning=False)
+
+        # The base class's own savepoint covers the INSERT; this one covers the
+        # lookups it makes first (corrections), so no failure of the batch can
+        # abort the caller's transaction.
+        result, failure = await self._isolated(write, f"recording {len(prepared)} events")
+        if failure is None:
+            assert result is not None
+            return result
+        records = await self._spool(prepared, failure)
         return list(records) if returning else 0
 
-    async def _spool(self, prepared: PreparedEvent, failure: AuditStorageError) -> AuditRecord:
-        (record,) = await self._spool_all([prepared], failure)
-        return record
+    async def _autocommit(self) -> bool:
+        """Whether the session runs each statement as its own transaction."""
+        try:
+            return await bulk.is_autocommit(await self.session.connection())
+        except DB_ERRORS:
+            # Not connected: go by the configuration the connection would get.
+            bind = self.session.sync_session.get_bind()
+            level = bind.get_execution_options().get("isolation_level") or getattr(
+                bind.dialect, "_on_connect_isolation_level", None
+            )
+            return level == "AUTOCOMMIT"
 
-    async def _spool_all(
+    async def _isolated(
+        self, write: Callable[[], Awaitable[T]], action: str
+    ) -> tuple[T | None, AuditStorageError | None]:
+        """Run ``write`` so that its failure cannot cost the caller's transaction.
+
+        Returns the result, or the storage failure to spool. In a transaction
+        the write runs inside a SAVEPOINT; if the SAVEPOINT cannot be opened,
+        rolled back to or released, the transaction can no longer be told
+        apart from the audit write, so :meth:`_lose` ends it. On an AUTOCOMMIT
+        session there is no transaction to protect: each statement commits on
+        its own.
+        """
+        session = self.session
+        try:
+            conn = await session.connection()
+        except DB_ERRORS as exc:
+            # Not even connected: nothing of the caller's reached the server
+            # through this session yet, so there is nothing to lose.
+            return None, _as_storage_error(exc, action)
+        try:
+            autocommit = await bulk.is_autocommit(conn)
+        except DB_ERRORS as exc:
+            return None, _as_storage_error(exc, action)
+        if autocommit:
+            try:
+                return await write(), None
+            except AuditStorageError as exc:
+                return None, exc
+            except DB_ERRORS as exc:
+                return None, _as_storage_error(exc, action)
+        try:
+            nested = await session.begin_nested()
+            # The session opens the savepoint lazily: ask for the connection.
+            await session.connection()
+        except _FAILURES as exc:
+            await self._lose(conn, exc, f"opening the savepoint for {action}")
+        try:
+            result = await write()
+        except BaseException as exc:
+            try:
+                if nested.is_active:
+                    await nested.rollback()
+            except _FAILURES as rollback_exc:
+                rollback_exc.__context__ = exc
+                await self._lose(conn, rollback_exc, f"rolling back the savepoint of {action}")
+            if isinstance(exc, AuditStorageError) and not isinstance(exc, AuditSpoolError):
+                return None, exc
+            if isinstance(exc, DB_ERRORS):
+                return None, _as_storage_error(exc, action)
+            raise
+        try:
+            await nested.commit()
+        except _FAILURES as exc:
+            await self._lose(conn, exc, f"releasing the savepoint of {action}")
+        return result, None
+
+    async def _lose(self, conn: AsyncConnection, exc: BaseException, action: str) -> NoReturn:
+        """End a transaction whose savepoint failed: its commit must fail, its spool be voided.
+
+        The server may have aborted the transaction (any failed statement does),
+        and asyncpg reports a COMMIT of an aborted transaction as success while
+        the server rolls it back: the business change would be gone silently.
+        Invalidating the connection makes the caller's commit raise instead.
+        """
+        with contextlib.suppress(Exception):
+            await conn.invalidate(exc if isinstance(exc, Exception) else None)
+        tracker = self.session.sync_session.info.get(_TRACKER_KEY)
+        if isinstance(tracker, _OutcomeTracker):
+            tracker.void_everything(_LOST_REASON)
+        logger.error("%s failed; the caller's transaction is lost: %s", action, exc)
+        raise AuditTransactionLostError(
+            f"{action} failed ({_first_line(exc)}); the transaction is lost: its "
+            "connection was closed so that its commit fails, and what it spooled "
+            "was voided; retry the whole unit of work"
+        ) from exc
+
+    async def _spool(
         self, events: list[PreparedEvent], failure: AuditStorageError
     ) -> list[SpooledRecord]:
         try:
@@ -276,10 +401,11 @@ class BestEffortRepository(AuditRepository):
             ) from exc
         sync = self.session.sync_session
         owner = sync.get_nested_transaction() or sync.get_transaction()
-        if owner is not None:
-            tracker = _OutcomeTracker.of(sync)
-            for prepared in events:
-                tracker.add(owner, self.spool, prepared.id)
+        if owner is not None and not await self._autocommit():
+            # On an AUTOCOMMIT session nothing is rolled back later: the event
+            # stands for work that committed statement by statement.
+            attempt = _Attempt(self.spool, records[0].attempt, tuple(e.id for e in events))
+            _OutcomeTracker.of(sync).add(owner, attempt)
         for prepared in events:
             logger.warning(
                 "audit event %s (%s on %s %s) was not written and is kept in spool %s: %s",

@@ -46,7 +46,7 @@ from audit_orm.errors import (
     InvalidInputError,
     translate_db_error,
 )
-from audit_orm.jsonb import loads_exact
+from audit_orm.jsonb import dumps_exact, loads_exact
 from audit_orm.records import AuditRecord, readable_time_sql, record_from_row
 
 if TYPE_CHECKING:
@@ -147,34 +147,42 @@ def written_record(
     )
 
 
-def same_event(stored: AuditRecord, event: PreparedEvent) -> bool:
-    """Whether ``event`` repeats ``stored`` (a retry) rather than reusing its id.
+def _comparable_data(event: AuditRecord | PreparedEvent) -> Any:
+    # As the database would return it: a float such as a confidence of 0.9
+    # reads back as Decimal('0.9'), which != 0.9 in Python.
+    if isinstance(event, AuditRecord):
+        return loads_exact(dumps_exact(event.data))
+    return loads_exact(event.json_text())
 
-    Correlation columns are derived from the rest, so they are not compared; an
-    ``occurred_at`` left to default matches whatever time was stored.
+
+def same_event(first: AuditRecord | PreparedEvent, other: AuditRecord | PreparedEvent) -> bool:
+    """Whether ``other`` repeats ``first`` (a retry) rather than reusing its id.
+
+    The one test of "the same event" on every path: a direct write meeting a
+    stored row, a batch repeating an id, a replay meeting the table or another
+    spooled copy. Every column a caller can choose is compared, the correlation
+    links (``order_id``, ``recommendation_id``) and ``ticker`` included. The one
+    exception is ``occurred_at`` left to default (``None`` on a prepared event):
+    the database fills it at insert, so it matches whatever time the other side
+    has.
     """
-    return (
-        stored.event_type is event.event_type
-        and stored.entity_type is event.entity_type
-        and stored.entity_id == event.entity_id
-        and stored.actor == event.actor
-        # As the database returns it: a float such as a confidence of 0.9
-        # reads back as Decimal('0.9'), which != 0.9 in Python.
-        and stored.data == loads_exact(event.json_text())
-        and stored.corrects_id == event.corrects_id
-        and (event.occurred_at is None or stored.occurred_at == event.occurred_at)
-    )
-
-
-def _same_prepared(first: PreparedEvent, other: PreparedEvent) -> bool:
+    if first is other:
+        return True
     return (
         first.event_type is other.event_type
         and first.entity_type is other.entity_type
         and first.entity_id == other.entity_id
         and first.actor == other.actor
-        and first.data == other.data
         and first.corrects_id == other.corrects_id
-        and (other.occurred_at is None or first.occurred_at == other.occurred_at)
+        and first.order_id == other.order_id
+        and first.recommendation_id == other.recommendation_id
+        and first.ticker == other.ticker
+        and (
+            first.occurred_at is None
+            or other.occurred_at is None
+            or first.occurred_at == other.occurred_at
+        )
+        and _comparable_data(first) == _comparable_data(other)
     )
 
 
@@ -395,7 +403,7 @@ async def _write_batch(
             # Written now from the first event with this id; a later one in
             # the batch must repeat it.
             first = first_of[event.id]
-            same = first is event or _same_prepared(first, event)
+            same = same_event(first, event)
             outcomes.append(written[event.id] if same else EventIdConflictError(event.id))
             continue
         existing = stored.get(event.id)

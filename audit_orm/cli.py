@@ -32,7 +32,7 @@ from audit_orm.export import FORMATS, TerminalProgress, export_events
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
 from audit_orm.repository import AuditRepository
 from audit_orm.retry import RetryPolicy
-from audit_orm.spool import ReplayInterruptedError, replay_spool
+from audit_orm.spool import ReplayInterruptedError, ReplayStoppedError, replay_spool
 from audit_orm.timeline import render_timeline
 
 #: A subcommand: receives the parsed arguments, an engine and the output stream.
@@ -83,17 +83,26 @@ async def cmd_demo(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -
 
 
 async def cmd_replay(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
-    """Write a best-effort spool's events to the database; exit 1 if any were rejected."""
+    """Write a best-effort spool's events to the database.
+
+    Exit 1 if any line was rejected or conflicts with another event of its id.
+    """
     policy = RetryPolicy(attempts=args.attempts)
     try:
         report = await replay_spool(args.spool, engine, chunk_size=args.chunk_size, retry=policy)
     except ReplayInterruptedError as exc:
         print(escape_controls(f"replay interrupted: {exc.report.summary()}"), file=out)
         raise
-    if not report.records and not report.rejected:
+    except ReplayStoppedError as exc:
+        print(escape_controls(f"replay stopped: {exc.report.summary()}"), file=out)
+        raise
+    if not report.records and not report.rejected and not report.conflicts:
         print(escape_controls(f"nothing to replay in {report.spool}"), file=out)
         return 0
     print(escape_controls(report.summary()), file=out)
+    for problem in report.conflicts:
+        where = f"line {problem.line}, event {problem.event_id}"
+        print(escape_controls(f"  conflict {where}: {problem.reason}"), file=out)
     for problem in report.rejected:
         where = f"line {problem.line}" if problem.line else f"event {problem.event_id}"
         print(escape_controls(f"  rejected {where}: {problem.reason}"), file=out)

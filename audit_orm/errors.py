@@ -86,11 +86,26 @@ class AuditStorageError(AuditError):
 
 
 class AuditUnavailableError(AuditStorageError):
-    """The database could not be reached (connection refused, lost or timed out).
+    """The database could not be reached (connection refused, lost or timed out),
+    or it aborted the transaction so others could go on (serialization failure,
+    deadlock).
 
-    The condition is transient: the same write may succeed later, which is why
-    retries (see :mod:`audit_orm.retry`) and the best-effort spool act on this
-    class only.
+    The condition is transient: the same unit of work may succeed when run
+    again, which is why retries (see :mod:`audit_orm.retry`) act on this class
+    only. :func:`connection_broken` tells whether a raw exception is of this kind.
+    """
+
+
+class AuditTransactionLostError(AuditUnavailableError):
+    """Best-effort recording could not keep the caller's transaction apart from its audit write.
+
+    Opening, rolling back to or releasing the SAVEPOINT around an audit write
+    failed (a lost connection, a pooler that does not keep the transaction on
+    one server connection, any failure of the savepoint statement itself). The
+    transaction may be aborted on the server, where a COMMIT would silently
+    become a ROLLBACK; so its connection has been invalidated (the caller's
+    commit raises), and what the transaction spooled has been voided. Retry the
+    whole unit of work, as for any lost connection.
     """
 
 
@@ -114,11 +129,85 @@ _TIMEOUT_STATES = frozenset({"57014", "55P03", "25P03"})
 #: SQLSTATEs of a server that is going away or not accepting connections yet:
 #: admin/crash shutdown, cannot_connect_now, too_many_connections.
 _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+#: SQLSTATEs of a transaction the server chose to abort so others could go on
+#: (serialization failure, deadlock): the same work succeeds when run again.
+_TRANSIENT_STATES = frozenset({"40001", "40P01"})
 
 
 def _sqlstate(exc: BaseException) -> str | None:
     state = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(exc, "sqlstate", None)
     return state if isinstance(state, str) else None
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE behind ``exc``: its own, or that of the driver error it was translated from."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        state = _sqlstate(current)
+        if state is not None:
+            return state
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: What drivers say when the connection under them is gone or unusable, in
+#: errors that carry no SQLSTATE (asyncpg's InterfaceError after a killed COPY:
+#: "another operation is in progress"; "connection is closed"; ...).
+_BROKEN_WORDS = (
+    "connection is closed",
+    "connection was closed",
+    "connection was lost",
+    "the connection was lost",
+    "another operation is in progress",
+    "cannot perform operation",
+    "underlying connection is closed",
+    "connection reset",
+    "broken pipe",
+    "server closed the connection",
+    "terminating connection",
+    "can't reconnect until invalid transaction is rolled back",
+    "this connection is closed",
+)
+
+
+def connection_broken(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database connection is lost or left unusable.
+
+    True for a lost, closed or invalidated connection at any step (a statement,
+    ``COPY``, ``ROLLBACK``, savepoint release, ``COMMIT``), whatever class the
+    driver or SQLAlchemy raised it as. Such a failure is transient for the
+    unit of work: retried on a new connection it may succeed.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, AuditUnavailableError):
+            return True
+        if isinstance(current, AuditError):
+            return False
+        if isinstance(current, (sa_exc.DisconnectionError, ConnectionError)):
+            return True
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        state = _sqlstate(current)
+        if state is not None and (state in _UNAVAILABLE_STATES or state.startswith("08")):
+            return True
+        name = type(current).__name__
+        if name in {"ConnectionDoesNotExistError", "InterfaceError", "InternalClientError"} or (
+            isinstance(current, sa_exc.InterfaceError)
+        ):
+            words = str(current).lower()
+            if any(w in words for w in _BROKEN_WORDS):
+                return True
+        if isinstance(current, sa_exc.PendingRollbackError) and "invalid transaction" in str(
+            current
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class AppendOnlyError(AuditStorageError):
@@ -167,7 +256,9 @@ APPEND_ONLY_SQLSTATE = "AU001"
 def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 
-    Connection failures (refused, lost, a server shutting down) become
+    Connection failures (refused, lost, a server shutting down; see
+    :func:`connection_broken`) and transactions the server aborted to let others
+    go on (serialization failure, deadlock) become
     :class:`AuditUnavailableError`, server-side timeouts
     :class:`AuditTimeoutError`, anything else :class:`AuditStorageError`.
     Callers ``raise translate_db_error(exc, "...") from exc`` so the cause stays
@@ -184,12 +275,9 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
         return AuditUnavailableError(
             f"{action} failed: database unreachable ({type(exc).__name__}: {first})"
         )
-    if (
-        isinstance(exc, (sa_exc.DisconnectionError, ConnectionError))
-        or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
-        or state in _UNAVAILABLE_STATES
-        or (state is not None and state.startswith("08"))
-    ):
+    if state in _TRANSIENT_STATES:
+        return AuditUnavailableError(f"{action} failed: transaction aborted, retry it ({first})")
+    if connection_broken(exc):
         # The driver's own words for a dropped connection can be obscure
         # ("cannot switch to state 11"); say what happened first.
         return AuditUnavailableError(f"{action} failed: connection lost ({first})")

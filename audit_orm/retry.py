@@ -8,7 +8,10 @@ transaction back. There, the error reaches the caller (or, in best-effort
 mode, the event goes to the spool).
 
 Only transient failures (:class:`~audit_orm.errors.AuditUnavailableError` and
-its subclass :class:`~audit_orm.errors.AuditTimeoutError`) are retried. Audit
+its subclasses) are retried, and a raw driver or SQLAlchemy error that
+:func:`~audit_orm.errors.connection_broken` recognises as a lost connection
+(the caller's own ``ROLLBACK`` or ``COMMIT`` on a dead connection, say) counts
+as one: it is translated to :class:`~audit_orm.errors.AuditUnavailableError`. Audit
 writes are idempotent by event id, so repeating one whose acknowledgement was
 lost cannot write the event twice.
 """
@@ -22,7 +25,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from audit_orm.errors import AuditUnavailableError, InvalidInputError
+from audit_orm.errors import (
+    AuditUnavailableError,
+    InvalidInputError,
+    connection_broken,
+    translate_db_error,
+)
 
 logger = logging.getLogger("audit_orm.retry")
 
@@ -89,7 +97,17 @@ async def call_with_retries(
     attempt = 1
     while True:
         try:
-            return await operation()
+            try:
+                return await operation()
+            except AuditUnavailableError:
+                raise
+            except Exception as raw:
+                if not connection_broken(raw):
+                    raise
+                translated = translate_db_error(raw, action)
+                if not isinstance(translated, AuditUnavailableError):  # pragma: no cover
+                    translated = AuditUnavailableError(f"{action} failed: connection lost ({raw})")
+                raise translated from raw
         except AuditUnavailableError as exc:
             delay = next(delays, None)
             if delay is None:

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import Column, Integer, MetaData, Numeric, String, Table, Uuid, func, select, text
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Uuid,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -95,3 +107,39 @@ def unreachable_url(url: str) -> str:
     parsed = make_url(url)
     query = {**parsed.query, "host": "/nonexistent/audit-orm-test-socket"}
     return parsed.set(host=None, port=None, query=query).render_as_string(hide_password=False)
+
+
+async def kill_backend(session: AsyncSession, engine: AsyncEngine) -> None:
+    """Terminate the server process behind ``session`` from another connection."""
+    pid = await session.scalar(text("SELECT pg_backend_pid()"))
+    async with engine.connect() as other:
+        killed = await other.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await other.commit()
+    assert killed is True
+
+
+@contextmanager
+def failing_statements(engine: AsyncEngine, prefix: str) -> Iterator[list[str]]:
+    """Statements of ``engine`` starting with ``prefix`` fail on the server.
+
+    Each is replaced by a division by zero, so the server reports an error and
+    aborts the transaction while the connection stays up: what a SAVEPOINT
+    does behind a pooler that moved the transaction to another server
+    connection, or any failure of the savepoint statement itself. Yields the
+    statements that were made to fail.
+    """
+    hits: list[str] = []
+
+    def swap(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> tuple[str, Any]:
+        if statement.lstrip().upper().startswith(prefix):
+            hits.append(statement)
+            return "SELECT 1/0", parameters
+        return statement, parameters
+
+    event.listen(engine.sync_engine, "before_cursor_execute", swap, retval=True)
+    try:
+        yield hits
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", swap)

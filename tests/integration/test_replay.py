@@ -213,9 +213,11 @@ async def test_unusable_lines_are_kept_and_reported(db: AsyncEngine, tmp_path: P
     assert report.written == 2
     assert not report.ok
     reasons = sorted(p.reason.split(":")[0] for p in report.rejected)
-    assert len(reasons) == 5, reasons
+    assert len(reasons) == 4, reasons
+    (conflict,) = report.conflicts
+    assert conflict.event_id == str(taken.id)
+    assert "already recorded with different content" in conflict.reason
     text = " | ".join(p.reason for p in report.rejected)
-    assert "already recorded with different content" in text
     assert "data.fill_price" in text
     assert "torn final line" in text
     assert "void for an event that is not in this spool" in text
