@@ -13,8 +13,9 @@ Guarantees:
 
 * validation happens in :meth:`AuditWriter.record`, before the event is queued,
   so one caller's bad input fails that caller alone;
-* an ``await`` that returns means the event is committed (durable as far as
-  the server's ``synchronous_commit`` makes commits durable);
+* an ``await`` that returns means the event is committed and on disk: the
+  writer's connection runs with ``synchronous_commit = on`` whatever the
+  server's or the role's default;
 * a group that fails raises to every caller in it: nothing is dropped
   silently. When the connection breaks during a commit, the outcome is
   unknown; retry with the same ``event_id`` (idempotent) to be sure;
@@ -31,6 +32,7 @@ Cancelling a caller's ``await`` does not withdraw its event once queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -410,7 +412,19 @@ class AuditWriter:
 
     async def _connect(self) -> AsyncConnection:
         if self._conn is None:
-            self._conn = await self._engine.connect()
+            conn = await self._engine.connect()
+            try:
+                # An acknowledged event must be on disk: a server or role
+                # default of synchronous_commit=off must not make it untrue.
+                # Each group commits on its own (AUTOCOMMIT), so the setting is
+                # the connection's, reset before it goes back to the pool.
+                await conn.exec_driver_sql("SET synchronous_commit = on")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                    await conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     async def _disconnect(self, *, broken: bool = False) -> None:
@@ -422,6 +436,11 @@ class AuditWriter:
                 # After a failure the connection's state is unknown: discard it
                 # rather than hand it back to the pool.
                 await conn.invalidate()
+            else:
+                try:
+                    await conn.exec_driver_sql("RESET synchronous_commit")
+                except Exception:
+                    await conn.invalidate()
             await conn.close()
         except Exception:
             # A broken connection may refuse to close; it is dropped either way.

@@ -15,13 +15,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm import AuditRepository, EventIdConflictError
+from audit_orm import AuditRepository, AuditWriter, EventIdConflictError
 from audit_orm.besteffort import BestEffortRepository
 from audit_orm.cli import main
 from audit_orm.database import session_factory
-from audit_orm.spool import SpooledRecord, replay_spool
+from audit_orm.repository import prepare_event
+from audit_orm.retry import RetryPolicy
+from audit_orm.spool import (
+    CLAIMED_SUFFIX,
+    REJECTED_SUFFIX,
+    ReplayStoppedError,
+    Spool,
+    SpooledRecord,
+    replay_spool,
+)
 from tests.faultutil import audit_table_locked, business_database, event_counts, set_timeout
 
 
@@ -148,3 +159,124 @@ async def test_an_idempotent_retry_without_business_time_is_the_same_event_in_th
     report = await replay_spool(spool, db)
     assert (report.already_present, report.ok) == (1, True), report.summary()
     assert report.conflicts == [] and report.rejected == []
+
+
+# ------------------------------------------------- the database's own verdicts
+
+
+async def run_admin(engine: AsyncEngine, *statements: str) -> None:
+    async with engine.connect() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+        await conn.commit()
+    await engine.dispose()  # new connections pick up database-level settings
+
+
+def spooled(path: Path, count: int) -> list[uuid.UUID]:
+    spool = Spool(path)
+    ids = []
+    for n in range(count):
+        event = prepare_event(
+            "order.accepted", "order", uuid.uuid4(), {"ticker": "X", "broker_order_id": f"B{n}"}
+        )
+        spool.append_event(event, "x")
+        ids.append(event.id)
+    return ids
+
+
+async def test_replay_and_the_writer_commit_synchronously_whatever_the_default(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """README: replay reports events durable, and the writer's acknowledgement means committed.
+
+    With ``synchronous_commit = off`` as the database default, a commit can
+    return before it is on disk. A trigger notes the setting in force when each
+    row is inserted: replay's and the writer's must be ``on``.
+    """
+    url, engine = fresh_db
+    name = make_url(url).database
+    await run_admin(
+        engine,
+        "CREATE TABLE commit_mode (mode text NOT NULL)",
+        "CREATE FUNCTION note_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO commit_mode VALUES (current_setting('synchronous_commit')); "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER note_commit_mode AFTER INSERT ON audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION note_commit_mode()",
+        f'ALTER DATABASE "{name}" SET synchronous_commit = off',
+    )
+    spool = tmp_path / "audit.spool"
+    spooled(spool, 3)
+    assert (await replay_spool(spool, engine)).written == 3
+    async with AuditWriter(engine) as writer:
+        await writer.record(**accepted(uuid.uuid4(), "W", uuid.uuid4()))  # type: ignore[arg-type]
+    async with engine.connect() as conn:
+        modes = (await conn.scalars(text("SELECT mode FROM commit_mode"))).all()
+    assert modes == ["on"] * 4
+
+
+async def test_a_read_only_server_stops_replay_and_keeps_the_spool(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """README: a failure that is not about one line stops replay; nothing is rejected.
+
+    On a read-only database every insert fails the same way: replay must stop
+    (non-zero exit), keep the claimed file and reject no line, and a rerun once
+    the server is writable again writes every event.
+    """
+    url, engine = fresh_db
+    name = make_url(url).database
+    spool = tmp_path / "audit.spool"
+    ids = spooled(spool, 3)
+    await run_admin(engine, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    with pytest.raises(ReplayStoppedError) as info:
+        await replay_spool(spool, engine)
+    assert info.value.report.rejected == []
+    code, text_out = await asyncio.to_thread(replay_cli, url, spool)
+    assert code != 0 and "replay stopped" in text_out
+    assert spool.with_name(spool.name + CLAIMED_SUFFIX).exists()
+    assert not spool.with_name(spool.name + REJECTED_SUFFIX).exists()
+    await run_admin(
+        engine,
+        "SET TRANSACTION READ WRITE",
+        f'ALTER DATABASE "{name}" RESET default_transaction_read_only',
+    )
+    report = await replay_spool(spool, engine)
+    assert (report.written, report.ok) == (3, True)
+    assert set((await event_counts(engine, ids)).values()) == {1}
+
+
+@pytest.mark.parametrize(("state", "retried"), [("40001", True), ("40P01", True), ("53100", False)])
+async def test_replay_retries_an_aborted_transaction_and_stops_on_a_full_disk(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path, state: str, retried: bool
+) -> None:
+    """README: a chunk that fails transiently is retried; a failure not about a line stops replay.
+
+    A trigger fails the first insert with ``state``: a serialization failure or
+    a deadlock is retried and every event written; a full disk stops the
+    replay, keeps the claimed file and rejects nothing.
+    """
+    _, engine = fresh_db
+    await run_admin(
+        engine,
+        "CREATE SEQUENCE injected_fault",
+        "CREATE FUNCTION inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF nextval('injected_fault') = 1 OR '{state}' = '53100' THEN "
+        f"RAISE EXCEPTION 'injected fault' USING ERRCODE = '{state}'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER inject_fault BEFORE INSERT ON audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION inject_fault()",
+    )
+    spool = tmp_path / "audit.spool"
+    ids = spooled(spool, 3)
+    policy = RetryPolicy(attempts=3, first_delay=0.01)
+    if retried:
+        report = await replay_spool(spool, engine, retry=policy)
+        assert (report.written, report.ok) == (3, True)
+        assert set((await event_counts(engine, ids)).values()) == {1}
+        return
+    with pytest.raises(ReplayStoppedError) as info:
+        await replay_spool(spool, engine, retry=policy)
+    assert info.value.report.rejected == []
+    assert spool.with_name(spool.name + CLAIMED_SUFFIX).exists()
+    assert not spool.with_name(spool.name + REJECTED_SUFFIX).exists()
