@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from alembic.util.exc import CommandError
 from sqlalchemy.exc import ArgumentError
@@ -347,11 +347,21 @@ def replaced_on_success(target: Path, encoding: str) -> Iterator[TextIO]:
     _fsync_directory(target.parent)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error messages are escaped.
+
+    argparse quotes most bad values with ``repr``, but not all: "unrecognized
+    arguments" repeats them raw.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the escaped message, exit 2."""
+        super().error(escape_controls(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``audit-orm``."""
-    parser = argparse.ArgumentParser(
-        prog="audit-orm", description="Execution audit trail of a trading system."
-    )
+    parser = _Parser(prog="audit-orm", description="Execution audit trail of a trading system.")
     parser.add_argument(
         "--database-url",
         help="PostgreSQL URL (default: $AUDIT_ORM_DATABASE_URL, else an embedded server)",

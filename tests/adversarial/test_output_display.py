@@ -174,6 +174,19 @@ def test_error_messages_printed_by_the_cli_are_escaped(
     assert "--database-url" in err
 
 
+def test_argument_errors_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own messages: "unrecognized arguments" repeats the arguments raw.
+
+    The CLI's parser escapes them like every other message: exit 2, no raw ESC.
+    """
+    with pytest.raises(SystemExit) as caught:
+        main(["digest", "\x1b[2J\x1b[1;1H#1 order.filled\u202e"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err
+    assert RAW.search(err.replace("\n", "")) is None, repr(err)
+
+
 def test_grant_print_sql_refuses_role_names_that_drive_a_terminal(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
