@@ -11,15 +11,27 @@ names it; ``audit-orm replay SPOOL`` writes it later under the same event id.
 
 A spooled event belongs to the caller's transaction like any other audit event.
 If that transaction later rolls back (or the session closes without committing),
-the business change did not happen, so a ``void`` record is appended to the spool
-and replay skips the event. If the process dies before the transaction ends, the
-event stays in the spool and is replayed: when in doubt, the trail keeps it.
+the business change did not happen, so a ``void`` record naming the write
+attempt is appended to the spool and replay skips that attempt (another attempt
+of the same event, retried in a unit of work that committed, is still written).
+If the process dies before the transaction ends, the event stays in the spool
+and is replayed: when in doubt, the trail keeps it.
+
+When the SAVEPOINT itself cannot be opened, rolled back to or released, the
+audit write can no longer be kept apart from the caller's transaction, which
+the server may already have aborted (and asyncpg reports the COMMIT of an
+aborted transaction as a success). Then
+:class:`~audit_orm.errors.AuditTransactionLostError` is raised, the connection
+is invalidated so that the caller's commit fails, and every attempt the
+transaction spooled is voided at once. On an AUTOCOMMIT session there is no
+transaction: writes take no savepoint, and nothing spooled is ever voided.
 
 What still raises, on purpose:
 
 * bad input (:class:`~audit_orm.InvalidInputError` and its subclasses) and a
   reused event id (:class:`~audit_orm.EventIdConflictError`): these are bugs in
   the caller, not outages; they would fail the same way on replay;
+* :class:`~audit_orm.errors.AuditTransactionLostError` (see above);
 * :class:`~audit_orm.errors.AuditSpoolError`: the database *and* the spool
   failed, so the event cannot be kept anywhere; raising is the only way not to
   lose it silently;
@@ -50,7 +62,9 @@ from audit_orm.errors import (
     AuditSpoolError,
     AuditStorageError,
     AuditTransactionLostError,
+    EventIdConflictError,
     InvalidInputError,
+    connection_broken,
     translate_db_error,
 )
 from audit_orm.payloads import AuditPayload
@@ -140,6 +154,15 @@ class _OutcomeTracker:
         attempts = [a for pending in self.pending.values() for a in pending]
         self.pending.clear()
         _void(attempts, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A write the database failed, to be spooled."""
+
+    error: AuditStorageError
+    #: Whether the session commits statement by statement (nothing to void later).
+    autocommit: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +305,13 @@ class BestEffortRepository(AuditRepository):
         prepared = prepare_batch(events, max_payload_bytes=self.max_payload_bytes)
         if not prepared:
             return [] if returning else 0
+        # The direct path refuses a batch that reuses an id for other content;
+        # so must the spool, or replay would keep half of a refused batch.
+        first_of: dict[UUID, PreparedEvent] = {}
+        for one in prepared:
+            first = first_of.setdefault(one.id, one)
+            if not bulk.same_event(first, one):
+                raise EventIdConflictError(one.id)
 
         async def write() -> list[AuditRecord] | int:
             if returning:
@@ -298,21 +328,17 @@ class BestEffortRepository(AuditRepository):
         records = await self._spool(prepared, failure)
         return list(records) if returning else 0
 
-    async def _autocommit(self) -> bool:
-        """Whether the session runs each statement as its own transaction."""
-        try:
-            return await bulk.is_autocommit(await self.session.connection())
-        except DB_ERRORS:
-            # Not connected: go by the configuration the connection would get.
-            bind = self.session.sync_session.get_bind()
-            level = bind.get_execution_options().get("isolation_level") or getattr(
-                bind.dialect, "_on_connect_isolation_level", None
-            )
-            return level == "AUTOCOMMIT"
+    def _configured_autocommit(self) -> bool:
+        """Whether the session's connections will be AUTOCOMMIT, without connecting."""
+        bind = self.session.sync_session.get_bind()
+        level = bind.get_execution_options().get("isolation_level") or getattr(
+            bind.dialect, "_on_connect_isolation_level", None
+        )
+        return bool(level == "AUTOCOMMIT")
 
     async def _isolated(
         self, write: Callable[[], Awaitable[T]], action: str
-    ) -> tuple[T | None, AuditStorageError | None]:
+    ) -> tuple[T | None, _Failure | None]:
         """Run ``write`` so that its failure cannot cost the caller's transaction.
 
         Returns the result, or the storage failure to spool. In a transaction
@@ -325,21 +351,27 @@ class BestEffortRepository(AuditRepository):
         session = self.session
         try:
             conn = await session.connection()
+            autocommit = await bulk.is_autocommit(conn)
         except DB_ERRORS as exc:
             # Not even connected: nothing of the caller's reached the server
             # through this session yet, so there is nothing to lose.
-            return None, _as_storage_error(exc, action)
-        try:
-            autocommit = await bulk.is_autocommit(conn)
-        except DB_ERRORS as exc:
-            return None, _as_storage_error(exc, action)
+            return None, _Failure(_as_storage_error(exc, action), self._configured_autocommit())
         if autocommit:
             try:
                 return await write(), None
             except AuditStorageError as exc:
-                return None, exc
+                return None, _Failure(exc, True)
             except DB_ERRORS as exc:
-                return None, _as_storage_error(exc, action)
+                return None, _Failure(_as_storage_error(exc, action), True)
+        try:
+            # The caller's pending changes first, on their own: a failure of
+            # theirs (a constraint of a business table) is theirs to see as it
+            # is; only a lost connection here means the transaction is gone.
+            await session.flush()
+        except DB_ERRORS as exc:
+            if connection_broken(exc):
+                await self._lose(conn, exc, f"flushing the session before {action}")
+            raise
         try:
             nested = await session.begin_nested()
             # The session opens the savepoint lazily: ask for the connection.
@@ -356,9 +388,9 @@ class BestEffortRepository(AuditRepository):
                 rollback_exc.__context__ = exc
                 await self._lose(conn, rollback_exc, f"rolling back the savepoint of {action}")
             if isinstance(exc, AuditStorageError) and not isinstance(exc, AuditSpoolError):
-                return None, exc
+                return None, _Failure(exc, False)
             if isinstance(exc, DB_ERRORS):
-                return None, _as_storage_error(exc, action)
+                return None, _Failure(_as_storage_error(exc, action), False)
             raise
         try:
             await nested.commit()
@@ -386,9 +418,8 @@ class BestEffortRepository(AuditRepository):
             "was voided; retry the whole unit of work"
         ) from exc
 
-    async def _spool(
-        self, events: list[PreparedEvent], failure: AuditStorageError
-    ) -> list[SpooledRecord]:
+    async def _spool(self, events: list[PreparedEvent], outcome: _Failure) -> list[SpooledRecord]:
+        failure = outcome.error
         try:
             records = await asyncio.to_thread(self.spool.append_events, events, str(failure))
         except AuditSpoolError as exc:
@@ -401,7 +432,7 @@ class BestEffortRepository(AuditRepository):
             ) from exc
         sync = self.session.sync_session
         owner = sync.get_nested_transaction() or sync.get_transaction()
-        if owner is not None and not await self._autocommit():
+        if owner is not None and not outcome.autocommit:
             # On an AUTOCOMMIT session nothing is rolled back later: the event
             # stands for work that committed statement by statement.
             attempt = _Attempt(self.spool, records[0].attempt, tuple(e.id for e in events))

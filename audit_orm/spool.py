@@ -908,7 +908,7 @@ async def _replay(
     report.conflicts.sort(key=lambda p: p.line)
     if report.rejected or report.conflicts:
         rejected_path = spool.path.with_name(spool.path.name + REJECTED_SUFFIX)
-        await asyncio.to_thread(_keep_rejected, rejected_path, report)
+        await asyncio.to_thread(_keep_rejected, rejected_path, report, line_limit)
         report.rejected_file = str(rejected_path)
         for problem in report.rejected + report.conflicts:
             logger.warning(
@@ -918,7 +918,7 @@ async def _replay(
     return report
 
 
-def _rejected_keys(path: Path) -> set[str]:
+def _rejected_keys(path: Path, limit: int) -> set[str]:
     """The keys already in a rejected file (a crashed run may have written some)."""
     keys: set[str] = set()
     try:
@@ -929,7 +929,12 @@ def _rejected_keys(path: Path) -> set[str]:
         raise AuditSpoolError(f"spool {path}: cannot read: {exc}") from exc
     try:
         with open(fd, "rb", closefd=False) as handle:
-            for raw in handle:
+            line_no = 0
+            while raw := handle.readline(limit + 1):
+                line_no += 1
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    _oversized(line_no, raw, handle)  # not an entry of ours: skip it
+                    continue
                 try:
                     record = loads_exact(raw.decode("utf-8"))
                 except (ValueError, RecursionError):
@@ -941,9 +946,11 @@ def _rejected_keys(path: Path) -> set[str]:
     return keys
 
 
-def _keep_rejected(path: Path, report: ReplayReport) -> None:
+def _keep_rejected(path: Path, report: ReplayReport, line_limit: int) -> None:
     """Append what replay could not write to the rejected file, once per problem."""
-    known = _rejected_keys(path)
+    # An entry quotes a spool line as a JSON string: escaping can make it
+    # several times longer than the line.
+    known = _rejected_keys(path, 8 * line_limit)
     lines = []
     for kind, problems in (("rejected", report.rejected), ("conflict", report.conflicts)):
         for problem in problems:

@@ -18,7 +18,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from audit_orm import AuditTransactionLostError, AuditUnavailableError
+from audit_orm import AuditTransactionLostError, AuditUnavailableError, EventIdConflictError
 from audit_orm.besteffort import BestEffortRepository
 from audit_orm.database import session_factory
 from audit_orm.spool import SpooledRecord, read_spool, replay_spool
@@ -192,4 +192,35 @@ async def test_a_failing_savepoint_statement_cannot_turn_commit_into_rollback(
     assert await position_of(db, order) is None
     report = await replay_spool(spool, db)
     assert report.written == 0
+    assert (await event_counts(db, [event_id]))[event_id] == 0
+
+
+async def test_a_batch_reusing_an_id_is_refused_during_an_outage_as_without_one(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """README: a reused event id raises in best-effort mode too; a batch is all or nothing.
+
+    Without an outage, ``record_many`` refuses a batch that reuses an id for
+    other content (``EventIdConflictError``, nothing written). During one it
+    must refuse it the same way rather than spool it, or replay would write
+    the first half of a batch the direct path refuses whole.
+    """
+    spool = tmp_path / "audit.spool"
+    event_id, order = uuid.uuid4(), uuid.uuid4()
+    specs = [
+        {
+            "event_type": "order.accepted",
+            "entity_type": "order",
+            "entity_id": order,
+            "data": {"ticker": "X", "broker_order_id": broker},
+            "event_id": event_id,
+        }
+        for broker in ("B1", "B2")
+    ]
+    async with audit_table_locked(db), session_factory(db)() as session:
+        await set_timeout(session, "lock_timeout", "100ms")
+        with pytest.raises(EventIdConflictError):
+            await BestEffortRepository(session, spool).record_many(specs)  # type: ignore[arg-type]
+        await session.commit()
+    assert read_spool(spool).events == {}
     assert (await event_counts(db, [event_id]))[event_id] == 0

@@ -172,3 +172,42 @@ async def test_poisoned_lines_are_quarantined_and_replay_goes_on(
     lines = rejected.read_text().splitlines()
     assert len(lines) == 4  # the three entries and the torn one, ended; nothing twice
     assert not spool.path.with_name(spool.path.name + CLAIMED_SUFFIX).exists()
+
+
+async def test_a_format_1_spool_is_still_replayed(engine: AsyncEngine, tmp_path: Path) -> None:
+    """README: spools of format 1 (no attempt tokens) are still read.
+
+    A format 1 spool written before the upgrade: an event, a void of another
+    event, that other event. Replay writes the first and skips the voided one.
+    """
+    kept, voided = accepted("kept"), accepted("voided")
+    path = tmp_path / "audit.spool"
+    lines = []
+    for event in (kept, voided):
+        line = json.loads(_line_of(tmp_path, event))
+        del line["attempt"]
+        line["spool_format"] = 1
+        line["event"]["occurred_at"] = "2026-12-01T10:00:00+00:00"
+        lines.append(json.dumps(line))
+    lines.insert(
+        1,
+        json.dumps(
+            {
+                "spool_format": 1,
+                "kind": "void",
+                "event_id": str(voided.id),
+                "spooled_at": "2026-12-01T10:00:01+00:00",
+                "reason": "rolled back",
+            }
+        ),
+    )
+    path.write_text("".join(line + "\n" for line in lines))
+    report = await replay_spool(path, engine)
+    assert (report.written, report.voided, report.ok) == (1, 1, True)
+    assert await event_counts(engine, [kept.id, voided.id]) == {kept.id: 1, voided.id: 0}
+
+
+def _line_of(tmp_path: Path, event: PreparedEvent) -> str:
+    scratch = Spool(tmp_path / f"scratch-{event.id}")
+    scratch.append_event(event, "x")
+    return scratch.path.read_text()
