@@ -15,7 +15,7 @@ from audit_orm.enums import (
     EntityType,
 )
 from audit_orm.errors import UnreadableRowError
-from audit_orm.jsonb import dumps_exact, loads_exact
+from audit_orm.jsonb import decode_exact, dumps_exact, loads_exact
 from audit_orm.payloads import AuditPayload, validate_payload
 
 
@@ -124,29 +124,40 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _readable_data(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """``raw`` (JSON text, or already decoded) as a dict, or the reason it is none."""
-    text = raw if isinstance(raw, str) else None
-    if text is not None:
+_UNDECODABLE = object()
+
+
+def _reason(row: Sequence[Any], data: Any) -> str:
+    """Why ``row`` cannot be a record (the slow path: only for such a row)."""
+    if row[2] not in EVENT_TYPES_BY_VALUE:
+        # The columns are short (VARCHAR(64), VARCHAR(32)): repr shows them whole, escaped.
+        return f"event_type {row[2]!r} is not one this version knows"
+    if row[3] not in ENTITY_TYPES_BY_VALUE:
+        return f"entity_type {row[3]!r} is not one this version knows"
+    if row[7] is None or row[8] is None:
+        which = "occurred_at" if row[7] is None else "recorded_at"
+        return f"{which} is not a time between the years 1 and 9999 (UTC)"
+    if data is _UNDECODABLE:
         try:
-            data = loads_exact(text)
+            loads_exact(row[6])
         except RecursionError:
-            return None, f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+            return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
         except ValueError as exc:
-            # Python refuses integers of more than 4300 digits, for one.
-            return None, f"data cannot be decoded: {exc}"
-    else:
-        data = raw
+            return f"data cannot be decoded: {exc}"
     if type(data) is not dict:
         kind = "null" if data is None else type(data).__name__
-        return None, f"data is a JSON {kind}, not an object"
-    # Counting brackets is cheap and bounds the depth: only a row with many
-    # of them is walked.
-    if (text is None or text.count("[") + text.count("{") > MAX_DATA_DEPTH) and _too_deep(
-        data, MAX_DATA_DEPTH
+        return f"data is a JSON {kind}, not an object"
+    return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+
+
+def _shallow(raw: Any, data: dict[str, Any]) -> bool:
+    # A JSON text nests at most half its length deep, and counting brackets is
+    # cheap: only a long row with many of them is walked.
+    if type(raw) is str and (
+        len(raw) <= 2 * MAX_DATA_DEPTH or raw.count("[") + raw.count("{") <= MAX_DATA_DEPTH
     ):
-        return None, f"data is nested deeper than {MAX_DATA_DEPTH} levels"
-    return data, None
+        return True
+    return not _too_deep(data, MAX_DATA_DEPTH)
 
 
 def record_from_row(row: Sequence[Any]) -> AuditRecord:
@@ -161,17 +172,23 @@ def record_from_row(row: Sequence[Any]) -> AuditRecord:
     """
     event_type = EVENT_TYPES_BY_VALUE.get(row[2])
     entity_type = ENTITY_TYPES_BY_VALUE.get(row[3])
-    data, problem = _readable_data(row[6])
-    if event_type is None:
-        # The columns are short (VARCHAR(64), VARCHAR(32)): repr shows them whole, escaped.
-        problem = f"event_type {row[2]!r} is not one this version knows"
-    elif entity_type is None:
-        problem = f"entity_type {row[3]!r} is not one this version knows"
-    elif row[7] is None or row[8] is None:
-        which = "occurred_at" if row[7] is None else "recorded_at"
-        problem = f"{which} is not a time between the years 1 and 9999 (UTC)"
-    if problem is not None or data is None or event_type is None or entity_type is None:
-        raise UnreadableRowError(row[1], row[0], problem or "unreadable")
+    data = row[6]
+    if type(data) is str:
+        try:
+            data = decode_exact(data)
+        except (ValueError, RecursionError):
+            # Python refuses integers of more than 4300 digits, and nesting past
+            # its recursion limit; _reason() tells which.
+            data = _UNDECODABLE
+    if (
+        event_type is None
+        or entity_type is None
+        or row[7] is None
+        or row[8] is None
+        or type(data) is not dict
+        or not _shallow(row[6], data)
+    ):
+        raise UnreadableRowError(row[1], row[0], _reason(row, data))
     return AuditRecord(
         id=row[0],
         seq=row[1],
