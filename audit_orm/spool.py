@@ -151,6 +151,10 @@ def _open_private(path: Path, flags: int, *, create: bool = False) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "is not a regular file")
+        if info.st_nlink > 1:
+            # A hard link made by someone who can write the directory would
+            # make our appends (and the mode we set) land in their file too.
+            raise OSError(errno.EMLINK, "has other hard links, which a spool file must not have")
         if stat.S_IMODE(info.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
     except BaseException:
@@ -648,9 +652,9 @@ class ReplayStoppedError(AuditStorageError):
 
 
 #: SQLSTATE classes that mean the row itself is wrong (data exception, integrity
-#: constraint violation): such a line is rejected and replay goes on. Any other
-#: failure stops the replay.
-_LINE_STATE_CLASSES = ("22", "23")
+#: constraint violation, a program limit such as an index row too large): such
+#: a line is rejected and replay goes on. Any other failure stops the replay.
+_LINE_STATE_CLASSES = ("22", "23", "54")
 
 
 def _about_the_line(exc: AuditStorageError) -> bool:

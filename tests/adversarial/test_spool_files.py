@@ -9,6 +9,7 @@ or exhaust memory, and a rerun after a replay that crashed half-way.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -211,3 +212,20 @@ def _line_of(tmp_path: Path, event: PreparedEvent) -> str:
     scratch = Spool(tmp_path / f"scratch-{event.id}")
     scratch.append_event(event, "x")
     return scratch.path.read_text()
+
+
+def test_a_hard_link_in_place_of_the_spool_is_refused(tmp_path: Path) -> None:
+    """README: the spool must be a file of its own.
+
+    Someone who can write the spool's directory hard-links another file of the
+    same owner to the spool's name: appending must fail (``AuditSpoolError``)
+    and that file stay as it was, mode included.
+    """
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    os.link(victim, tmp_path / "audit.spool")
+    with pytest.raises(AuditSpoolError, match="hard links"):
+        Spool(tmp_path / "audit.spool").append_event(accepted(), "x")
+    assert victim.read_text() == "precious\n"
+    assert victim.stat().st_mode & 0o777 == 0o644
