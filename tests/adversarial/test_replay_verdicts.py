@@ -280,3 +280,29 @@ async def test_replay_retries_an_aborted_transaction_and_stops_on_a_full_disk(
     assert info.value.report.rejected == []
     assert spool.with_name(spool.name + CLAIMED_SUFFIX).exists()
     assert not spool.with_name(spool.name + REJECTED_SUFFIX).exists()
+
+
+async def test_a_row_over_a_program_limit_is_rejected_and_replay_goes_on(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """README: a line the database refuses for itself is rejected; replay goes on.
+
+    A trigger refuses one row with ``program_limit_exceeded`` (as an index row
+    too large would be): that line is rejected, the others are written, and
+    the replay does not stop.
+    """
+    _, engine = fresh_db
+    await run_admin(
+        engine,
+        "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.data->>'broker_order_id' = 'B1' THEN "
+        "RAISE EXCEPTION 'row too large' USING ERRCODE = '54000'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_one BEFORE INSERT ON audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_one()",
+    )
+    spool = tmp_path / "audit.spool"
+    ids = spooled(spool, 3)
+    report = await replay_spool(spool, engine)
+    assert report.written == 2
+    assert [p.event_id for p in report.rejected] == [str(ids[1])]
