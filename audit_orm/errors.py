@@ -15,7 +15,14 @@ from sqlalchemy import exc as sa_exc
 
 def _show(value: Any, limit: int = 80) -> str:
     """A bounded, escaped rendering of a bad value for an error message."""
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        # repr() of an integer of thousands of digits raises (and is no message).
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:
+        # A value whose repr() fails must not turn a typed error into another.
+        return f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

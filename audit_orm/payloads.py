@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 from uuid import UUID
@@ -33,10 +33,16 @@ from audit_orm.display import UNSAFE_CHARACTERS
 from audit_orm.enums import EVENT_TYPES_BY_VALUE, AuditEventType
 from audit_orm.errors import InvalidPayloadError, UnknownEventTypeError
 
+#: Lone UTF-16 surrogates: a Python string may hold them, UTF-8 cannot encode
+#: them, so neither the driver nor a spool file could ever write one.
+SURROGATES = re.compile("[\ud800-\udfff]")
+
 
 def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("NUL characters cannot be stored in PostgreSQL text or JSONB")
+    if SURROGATES.search(value):
+        raise ValueError("lone surrogates are not Unicode text and cannot be stored")
     return value
 
 
@@ -76,6 +82,20 @@ def _finite(value: Decimal) -> Decimal:
     return value
 
 
+#: Largest count a payload holds: PostgreSQL's bigint, and far beyond any real
+#: count. Without a bound, an integer of thousands of digits cannot even be
+#: written as text by Python.
+COUNT_MAX = 2**63 - 1
+
+
+def _utc_representable(value: datetime) -> datetime:
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+    return value
+
+
 def _finite_float(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
@@ -92,6 +112,10 @@ Ticker = Annotated[str, Field(min_length=1, max_length=32), AfterValidator(_no_c
 Amount = Annotated[Decimal, AfterValidator(_finite)]
 #: A finite float (scores such as a confidence).
 Score = Annotated[float, AfterValidator(_finite_float)]
+#: A number of things: from 0 to :data:`COUNT_MAX`.
+Count = Annotated[int, Field(ge=0, le=COUNT_MAX)]
+#: A timezone-aware time that exists in UTC (years 1 to 9999 there too).
+Moment = Annotated[AwareDatetime, AfterValidator(_utc_representable)]
 
 
 class AuditPayload(BaseModel):
@@ -117,7 +141,7 @@ class RecommendationPayload(AuditPayload):
     action: Label
     mode: Label
     confidence: Score
-    evidence_count: int = Field(ge=0)
+    evidence_count: Count
     suppressed: bool = False
 
 
@@ -129,7 +153,7 @@ class RiskEvaluationPayload(AuditPayload):
     eligible: bool
     allowed_mode: Label
     rejection_reasons: list[Text] = Field(default_factory=list)
-    check_count: int = Field(ge=0)
+    check_count: Count
 
 
 class OrderSubmittedPayload(AuditPayload):
@@ -207,7 +231,7 @@ class ApprovalRequestedPayload(AuditPayload):
     quantity: Amount
     estimated_value: Amount
     recommendation_id: UUID | None = None
-    expires_at: AwareDatetime | None = None
+    expires_at: Moment | None = None
 
 
 class ApprovalReviewedPayload(AuditPayload):
@@ -297,8 +321,6 @@ def validate_payload(event_type: AuditEventType | str, data: Any) -> AuditPayloa
     if type(data) is not dict:
         # Plain dicts, the common case, skip the abstract-class checks below.
         data = _as_dict(kind, model, data)
-        if isinstance(data, AuditPayload):
-            return data
     for key in data:
         if type(key) is not str and not isinstance(key, str):
             raise InvalidPayloadError("data", key, "field names must be strings")
@@ -308,12 +330,14 @@ def validate_payload(event_type: AuditEventType | str, data: Any) -> AuditPayloa
         raise _describe(exc, kind) from exc
 
 
-def _as_dict(
-    kind: AuditEventType, model: type[AuditPayload], data: Any
-) -> dict[Any, Any] | AuditPayload:
-    """``data`` as a plain dict, or as itself if it already is a ``model``."""
+def _as_dict(kind: AuditEventType, model: type[AuditPayload], data: Any) -> dict[Any, Any]:
+    """``data`` as a plain dict of field values, to be validated.
+
+    A payload model is validated again from its fields: ``model_construct``
+    and ``model_copy(update=...)`` build models that no validator has seen.
+    """
     if isinstance(data, model):
-        return data
+        return dict(data.__dict__)
     if isinstance(data, AuditPayload):
         raise InvalidPayloadError(
             "data",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, Required, TypedDict, Unpack, overload
 from uuid import UUID
@@ -49,6 +49,7 @@ from audit_orm.jsonb import JSONText, dumps_exact
 from audit_orm.models import ACTOR_MAX_LENGTH, TICKER_MAX_LENGTH, AuditEvent
 from audit_orm.payloads import (
     CONTROL_CHARACTERS,
+    SURROGATES,
     AuditPayload,
     PositionChangePayload,
     coerce_event_type,
@@ -149,6 +150,8 @@ def check_actor(actor: Any) -> str:
         raise InvalidInputError(
             "actor", actor, "must not contain control characters or bidirectional formatting"
         )
+    if SURROGATES.search(actor):
+        raise InvalidInputError("actor", actor, "must not contain lone surrogates (not Unicode)")
     return actor
 
 
@@ -160,6 +163,8 @@ def check_ticker(ticker: Any) -> str:
         )
     if CONTROL_CHARACTERS.search(ticker):
         raise InvalidInputError("ticker", ticker, "must not contain control characters")
+    if SURROGATES.search(ticker):
+        raise InvalidInputError("ticker", ticker, "must not contain lone surrogates (not Unicode)")
     return ticker
 
 
@@ -176,6 +181,19 @@ def check_timestamp(value: Any, field: str) -> datetime:
         raise InvalidInputError(
             field, value, "must be timezone-aware (naive datetimes are ambiguous)"
         )
+    try:
+        # The driver sends UTC: a time that has none (year 1 at +14:00) would
+        # fail there, after other events of a batch or group were sent.
+        value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInputError(field, value, "is out of range once converted to UTC") from None
+    return value
+
+
+def check_max_payload_bytes(value: Any) -> int:
+    """Validate a payload size cap: a positive integer number of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError("max_payload_bytes", value, "must be a positive integer")
     return value
 
 
@@ -242,12 +260,18 @@ def prepare_event(
     payload's ``recommendation_id`` links risk evaluations, orders and approvals to
     their recommendation. Explicit ``recommendation_id``/``order_id`` fill gaps.
     """
+    if type(max_payload_bytes) is not int or max_payload_bytes < 1:
+        check_max_payload_bytes(max_payload_bytes)
     kind = coerce_event_type(event_type)
     entity = coerce_entity_type(entity_type)
     entity_uuid = coerce_uuid(entity_id, "entity_id")
     payload = validate_payload(kind, data)
     stored = payload_to_data(payload)
-    text = dumps_exact(stored)
+    try:
+        text = dumps_exact(stored)
+    except (ValueError, TypeError, RecursionError) as exc:
+        # Validation should have caught it; if not, it is still the caller's input.
+        raise InvalidPayloadError("data", stored, f"cannot be written as JSON: {exc}") from exc
     # A UTF-8 character takes at most four bytes: short texts skip the encoding.
     if len(text) * 4 > max_payload_bytes:
         size = len(text.encode("utf-8"))
@@ -350,7 +374,7 @@ def prepare_batch(
     The error is of the same class as :func:`prepare_event` raises, with the
     position in front of the field: ``events[3].data.quantity``.
     """
-    if isinstance(events, (str, bytes, Mapping)):
+    if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Iterable):
         raise InvalidInputError("events", events, "must be an iterable of events")
     prepared: list[PreparedEvent] = []
     for index, event in enumerate(events):
@@ -440,6 +464,10 @@ def _search_filters(
     if event_types is not None:
         if isinstance(event_types, (str, AuditEventType)):
             event_types = [event_types]
+        elif isinstance(event_types, (bytes, Mapping)) or not isinstance(event_types, Iterable):
+            raise InvalidInputError(
+                "event_types", event_types, "must be an event type or an iterable of them"
+            )
         kinds = [coerce_event_type(t).value for t in event_types]
         if not kinds:
             raise InvalidInputError("event_types", event_types, "must not be empty")
@@ -626,8 +654,13 @@ class AuditRepository:
     def __init__(
         self, session: AsyncSession, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     ) -> None:
+        if not isinstance(session, AsyncSession) and not callable(
+            getattr(session, "connection", None)
+        ):
+            # An engine or a URL passed by mistake would fail only at the first write.
+            raise InvalidInputError("session", session, "must be an AsyncSession")
         self.session = session
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = check_max_payload_bytes(max_payload_bytes)
 
     # ------------------------------------------------------------------ writes
 
@@ -704,7 +737,7 @@ class AuditRepository:
         :raises InvalidInputError: ``original_event_id`` names no recorded event,
             or the payload is invalid.
         """
-        original = await self.get(original_event_id)
+        original = await self.get(coerce_uuid(original_event_id, "original_event_id"))
         if original is None:
             raise InvalidInputError(
                 "original_event_id", original_event_id, "no event with this id was recorded"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from audit_orm.errors import (
 logger = logging.getLogger("audit_orm.retry")
 
 T = TypeVar("T")
+
+#: The longest wait a policy may ask for between tries (seconds).
+MAX_RETRY_DELAY = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +66,16 @@ class RetryPolicy:
             raise InvalidInputError("attempts", self.attempts, "must be from 1 to 100")
         for name in ("first_delay", "max_delay", "multiplier", "jitter"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise InvalidInputError(name, value, "must be a non-negative number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInputError(name, value, "must be a number")
+            # NaN passes every comparison below, and an infinite wait never ends.
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInputError(name, value, "must be a finite, non-negative number")
+        for name in ("first_delay", "max_delay"):
+            if getattr(self, name) > MAX_RETRY_DELAY:
+                raise InvalidInputError(
+                    name, getattr(self, name), f"must be at most {MAX_RETRY_DELAY:g} seconds"
+                )
         if self.jitter > 1:
             raise InvalidInputError("jitter", self.jitter, "must be at most 1")
 
@@ -93,6 +105,8 @@ async def call_with_retries(
     the attempt number and the error; giving up is logged at ERROR and the last
     error is raised.
     """
+    if not isinstance(policy, RetryPolicy):
+        raise InvalidInputError("policy", policy, "must be a RetryPolicy")
     delays = policy.delays()
     attempt = 1
     while True:

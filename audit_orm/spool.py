@@ -68,6 +68,7 @@ from audit_orm.repository import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     AuditRepository,
     PreparedEvent,
+    check_max_payload_bytes,
     prepare_event,
 )
 from audit_orm.retry import RetryPolicy, call_with_retries
@@ -776,6 +777,12 @@ async def replay_spool(
         or not 1 <= chunk_size <= 10_000
     ):
         raise InvalidInputError("chunk_size", chunk_size, "must be an integer from 1 to 10000")
+    if not isinstance(engine, AsyncEngine):
+        raise InvalidInputError("engine", engine, "must be an AsyncEngine")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidInputError("retry", retry, "must be a RetryPolicy")
+    # Checked before the spool is claimed: a bad cap would reject every line.
+    check_max_payload_bytes(max_payload_bytes)
     spool = Spool(path)
     if spool.path.is_symlink() or (spool.path.exists() and not spool.path.is_file()):
         raise AuditSpoolError(f"spool {spool.path}: is not a regular file")

@@ -16,9 +16,14 @@ Guarantees:
 * an ``await`` that returns means the event is committed and on disk: the
   writer's connection runs with ``synchronous_commit = on`` whatever the
   server's or the role's default;
-* a group that fails raises to every caller in it: nothing is dropped
-  silently. When the connection breaks during a commit, the outcome is
-  unknown; retry with the same ``event_id`` (idempotent) to be sure;
+* an event the database refuses (a constraint, a value the driver cannot
+  send) fails its caller alone: the group is split and its other events are
+  written (see :meth:`AuditWriter._write`);
+* a group that fails for a reason that is not one event's (the connection
+  broke, a timeout, a missing table or privilege) raises to every caller in
+  it: nothing is dropped silently. When the connection breaks during a
+  commit, the outcome is unknown; retry with the same ``event_id``
+  (idempotent) to be sure;
 * an event id already stored with other content fails that caller alone with
   :class:`EventIdConflictError`; the rest of the group is written;
 * the queue is bounded: when it is full, ``record`` waits (back-pressure);
@@ -33,7 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -49,6 +55,7 @@ from audit_orm.errors import (
     DB_ERRORS,
     AuditError,
     AuditStorageError,
+    AuditUnavailableError,
     EventIdConflictError,
     InvalidInputError,
     WriterClosedError,
@@ -56,7 +63,12 @@ from audit_orm.errors import (
 )
 from audit_orm.payloads import AuditPayload
 from audit_orm.records import AuditRecord
-from audit_orm.repository import DEFAULT_MAX_PAYLOAD_BYTES, PreparedEvent, prepare_event
+from audit_orm.repository import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    PreparedEvent,
+    check_max_payload_bytes,
+    prepare_event,
+)
 
 #: Default largest group written and committed at once.
 DEFAULT_MAX_BATCH = 1_000
@@ -76,6 +88,10 @@ class WriterStats:
     batches: int = 0
     #: Groups that failed and raised to all their callers.
     failed_batches: int = 0
+    #: Groups split because the database refused one of their events.
+    split_batches: int = 0
+    #: Events the database refused, each failing its own caller only.
+    refused_events: int = 0
 
 
 class _Pending:
@@ -99,6 +115,33 @@ class _Pending:
 
 #: Queued after the last event by :meth:`AuditWriter.close`.
 _STOP = object()
+
+#: SQLSTATE classes that blame the data of a statement, not the server or the
+#: schema: data exceptions (22: a value out of range, bad JSON text) and
+#: integrity constraint violations (23: a check, a foreign key).
+_DATA_STATE_CLASSES = ("22", "23")
+
+
+def _blames_one_event(exc: BaseException) -> bool:
+    """Whether a failed group statement may be the fault of some of its events.
+
+    Then the group is worth splitting to find them. A lost connection or a
+    timeout is not (the outcome of the group is unknown), nor is an error
+    that every event would meet (no table, no privilege, a read-only server).
+    """
+    if isinstance(exc, AuditUnavailableError):
+        return False
+    cause: BaseException | None = exc
+    while cause is not None:
+        state = getattr(cause, "sqlstate", None) or getattr(
+            getattr(cause, "orig", None), "sqlstate", None
+        )
+        if isinstance(state, str):
+            return state[:2] in _DATA_STATE_CLASSES
+        cause = cause.__cause__
+    # No SQLSTATE at all: the driver could not even send a value (a string
+    # it cannot encode, a time it cannot convert): that value's event alone.
+    return not isinstance(exc, AuditStorageError) or exc.__cause__ is not None
 
 
 def _failure(exc: BaseException, event: PreparedEvent) -> BaseException:
@@ -160,6 +203,9 @@ class AuditWriter:
             or not 0 <= max_delay <= 60
         ):
             raise InvalidInputError("max_delay", max_delay, "must be from 0 to 60 seconds")
+        if not isinstance(engine, (AsyncEngine, str)) and engine is not None:
+            raise InvalidInputError("engine", engine, "must be an AsyncEngine, a URL or None")
+        max_payload_bytes = check_max_payload_bytes(max_payload_bytes)
         self._owns_engine = not isinstance(engine, AsyncEngine)
         base = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
         # Each group is one INSERT statement, which in autocommit mode is a
@@ -295,6 +341,8 @@ class AuditWriter:
         including :class:`InvalidInputError` when ``corrects_id`` names no
         recorded event (looked up before the event is queued).
         """
+        if not isinstance(event, PreparedEvent):
+            raise InvalidInputError("event", event, "must be a PreparedEvent (see prepare_event)")
         if self._closing:
             raise WriterClosedError("the audit writer is closed")
         if self._task is None:
@@ -386,10 +434,19 @@ class AuditWriter:
         return False
 
     async def _write(self, batch: list[_Pending]) -> None:
+        """Write a group; an event the database refuses fails its caller alone.
+
+        Each statement is a transaction of its own (the connection is in
+        autocommit mode), so a refused statement wrote nothing. The group is
+        then split in halves, each written or split again, until the refused
+        events stand alone: ``k`` bad events among ``n`` cost about
+        ``2 k log2(n)`` extra statements, and the written events keep their
+        queue order.
+        """
         events = [pending.event for pending in batch]
         try:
             conn = await self._connect()
-            outcomes = await bulk.insert_many(conn, events)
+            outcomes, lost = await self._write_isolating(conn, events)
         except Exception as exc:
             self.stats.failed_batches += 1
             await self._disconnect(broken=True)
@@ -402,13 +459,62 @@ class AuditWriter:
             for pending in batch:
                 pending.resolve(_failure(exc, pending.event))
             raise
-        self.stats.batches += 1
+        if lost is not None:
+            self.stats.failed_batches += 1
+            await self._disconnect(broken=True)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, EventIdConflictError):
                 pending.resolve(EventIdConflictError(outcome.event_id))
+            elif isinstance(outcome, BaseException):
+                if outcome is not lost:
+                    self.stats.refused_events += 1
+                pending.resolve(_failure(outcome, pending.event))
             else:
                 self.stats.events += 1
                 pending.resolve(outcome)
+
+    async def _write_isolating(
+        self, conn: AsyncConnection, events: Sequence[PreparedEvent]
+    ) -> tuple[list[bulk.Outcome | BaseException], BaseException | None]:
+        """One outcome per event (its record, its conflict, or why it was refused).
+
+        Raises when the whole group fails for a reason that is not one event's
+        (see :func:`_blames_one_event`). Should that happen midway through a
+        split, what was written stays confirmed, every event not written yet
+        gets that failure, and it is returned second.
+        """
+        outcomes: list[bulk.Outcome | BaseException | None] = [None] * len(events)
+        todo = deque([(0, len(events))])
+        lost: BaseException | None = None
+        while todo:
+            start, end = todo.popleft()
+            try:
+                written = await bulk.insert_many(conn, events[start:end])
+            except Exception as exc:
+                if not _blames_one_event(exc):
+                    if end - start == len(events):
+                        raise
+                    lost = exc
+                    break
+                if end - start == 1:
+                    outcomes[start] = exc
+                    continue
+                if end - start == len(events):
+                    self.stats.split_batches += 1
+                middle = (start + end) // 2
+                # Left half first, so what is written keeps the queue order.
+                todo.extendleft([(middle, end), (start, middle)])
+                continue
+            self.stats.batches += 1
+            outcomes[start:end] = written
+        done: list[bulk.Outcome | BaseException] = []
+        for outcome in outcomes:
+            if outcome is None:
+                # Only a range abandoned after a lost connection has no outcome.
+                assert lost is not None
+                outcome = lost
+            done.append(outcome)
+        return done, lost
 
     async def _connect(self) -> AsyncConnection:
         if self._conn is None:
