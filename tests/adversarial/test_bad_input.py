@@ -53,6 +53,7 @@ from audit_orm.payloads import (
     RecommendationPayload,
 )
 from audit_orm.repository import prepare_event
+from audit_orm.retry import RetryPolicy, call_with_retries
 
 ORDER = uuid.UUID("0192f1a0-0000-7000-8000-000000000001")
 TAKEN = uuid.UUID("0192f1a0-0000-7000-8000-0000000000ee")
@@ -487,6 +488,24 @@ CASES = [
     Case("repository on a URL instead of a session",
          now(lambda r: AuditRepository("postgresql://db/audit")),  # type: ignore[arg-type]
          InvalidInputError, "session", "'postgresql://db/audit'"),
+    # -- retry policies (replay and call_with_retries): NaN passes every comparison
+    Case("retry first delay NaN", now(lambda r: RetryPolicy(first_delay=float("nan"))),
+         InvalidInputError, "first_delay", "nan"),
+    Case("retry max delay infinite", now(lambda r: RetryPolicy(max_delay=float("inf"))),
+         InvalidInputError, "max_delay", "inf"),
+    Case("retry multiplier NaN", now(lambda r: RetryPolicy(multiplier=float("nan"))),
+         InvalidInputError, "multiplier", "nan"),
+    Case("retry jitter NaN", now(lambda r: RetryPolicy(jitter=float("nan"))),
+         InvalidInputError, "jitter", "nan"),
+    Case("retry first delay negative", now(lambda r: RetryPolicy(first_delay=-0.5)),
+         InvalidInputError, "first_delay", "-0.5"),
+    Case("retry first delay of a day", now(lambda r: RetryPolicy(first_delay=86_400)),
+         InvalidInputError, "first_delay", "86400"),
+    Case("retry attempts as text", now(lambda r: RetryPolicy(attempts="3")),  # type: ignore[arg-type]
+         InvalidInputError, "attempts", "'3'"),
+    Case("retry with a policy that is not one",
+         lambda r: call_with_retries(lambda: r.get(ORDER), policy=3, action="x"),  # type: ignore[arg-type]
+         InvalidInputError, "policy", "3"),
 ]
 # fmt: on
 
