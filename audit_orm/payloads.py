@@ -14,6 +14,7 @@ that matter for an audit store:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal

@@ -740,25 +740,25 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
     """AuditWriter: "one caller's bad input fails that caller alone", at the database too.
 
     Two events that only the database (or its driver) can refuse are queued
-    among 200 good ones: one corrects an event that does not exist (foreign
-    key), one carries a lone surrogate (the driver cannot encode it); both are
-    built by hand, past validation. Each fails its own caller; the 200 others
-    commit, in queue order.
+    among 200 good ones: one has an actor longer than the table's check
+    allows, one carries a lone surrogate (the driver cannot encode it); both
+    are built by hand, past validation. Each fails its own caller; the 200
+    others commit, in queue order.
     """
     ticker = f"P{uuid.uuid4().hex[:8].upper()}"
     good = [
         prepare_event("order.accepted", "order", uuid.uuid4(), {**ACCEPTED, "ticker": ticker})
         for _ in range(200)
     ]
-    dangling = dataclasses.replace(good[0], id=uuid.uuid4(), corrects_id=uuid.uuid4())
+    too_long = dataclasses.replace(good[0], id=uuid.uuid4(), actor="a" * 500)
     unencodable = dataclasses.replace(good[0], id=uuid.uuid4(), actor="ops\ud800")
-    events = [*good[:60], dangling, *good[60:150], unencodable, *good[150:]]
+    events = [*good[:60], too_long, *good[60:150], unencodable, *good[150:]]
     async with AuditWriter(engine, max_delay=0.5) as writer:
         results = await asyncio.gather(
             *(writer.record_prepared(event) for event in events), return_exceptions=True
         )
     outcomes = dict(zip((event.id for event in events), results, strict=True))
-    for refused in (dangling, unencodable):
+    for refused in (too_long, unencodable):
         failure = outcomes.pop(refused.id)
         assert isinstance(failure, AuditStorageError), failure
         assert not isinstance(failure, AuditUnavailableError)
