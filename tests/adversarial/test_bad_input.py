@@ -699,9 +699,11 @@ async def committed_rows(engine: AsyncEngine) -> int:
 
 @pytest.mark.parametrize("case", WRITER_CASES, ids=[case.kind for case in WRITER_CASES])
 async def test_bad_input_through_the_writer(
-    engine: AsyncEngine, tmp_path: Path, case: WriterCase
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path, case: WriterCase
 ) -> None:
     """AuditWriter: bad input fails at once, queues nothing, and the writer goes on."""
+    # A database of its own: the writer commits, and the shared one must stay as it was.
+    _, engine = fresh_db
     async with AuditWriter(engine, max_payload_bytes=256) as writer:
         before = await committed_rows(engine)
         with pytest.raises(case.error) as info:
@@ -735,7 +737,7 @@ async def test_bad_input_through_best_effort(
 
 
 async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
-    engine: AsyncEngine,
+    fresh_db: tuple[str, AsyncEngine],
 ) -> None:
     """AuditWriter: "one caller's bad input fails that caller alone", at the database too.
 
@@ -745,6 +747,7 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
     are built by hand, past validation. Each fails its own caller; the 200
     others commit, in queue order.
     """
+    _, engine = fresh_db
     ticker = f"P{uuid.uuid4().hex[:8].upper()}"
     good = [
         prepare_event("order.accepted", "order", uuid.uuid4(), {**ACCEPTED, "ticker": ticker})
