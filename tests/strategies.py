@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from audit_orm import AuditEventType
 from audit_orm.jsonb import dumps_exact
-from audit_orm.payloads import AMOUNT_MAX_DIGITS
+from audit_orm.payloads import AMOUNT_MAX_DIGITS, COUNT_MAX
 
 E = AuditEventType
 
@@ -40,11 +40,14 @@ def amounts(draw: st.DrawFn) -> Decimal:
 
 
 scores = st.floats(allow_nan=False, allow_infinity=False)
-counts = st.integers(min_value=0, max_value=10**30)
+counts = st.integers(min_value=0, max_value=COUNT_MAX)
+#: Aware times that exist in UTC too (a day from either end of datetime's range).
 aware = st.datetimes(
+    min_value=datetime(1, 1, 2),
+    max_value=datetime(9999, 12, 30),
     timezones=st.sampled_from(
         [UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=5, minutes=30))]
-    )
+    ),
 )
 maybe_uuid = st.none() | st.uuids().map(str)
 
