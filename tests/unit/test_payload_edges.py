@@ -249,11 +249,19 @@ def test_non_mappings_are_refused(data: Any) -> None:
     assert info.value.value == data
 
 
-def test_a_payload_model_passes_as_itself() -> None:
-    """The event type's own model is returned as it is, not copied or revalidated."""
+def test_a_payload_model_passes_validated_again() -> None:
+    """The event type's own model passes, validated again: an equal model comes back.
+
+    Validated again because ``model_construct`` and ``model_copy(update=...)``
+    build models no validator has seen (a NaN, a missing field).
+    """
     payload = _fill()
-    assert validate_payload("order.filled", payload) is payload
-    assert validate_payload(AuditEventType.ORDER_FILLED, payload) is payload
+    assert validate_payload("order.filled", payload) == payload
+    assert validate_payload(AuditEventType.ORDER_FILLED, payload) == payload
+    unchecked = payload.model_copy(update={"fill_quantity": Decimal("NaN")})
+    with pytest.raises(InvalidPayloadError) as info:
+        validate_payload("order.filled", unchecked)
+    assert info.value.field == "data.fill_quantity"
 
 
 def test_another_event_types_model_is_refused_by_name() -> None:
@@ -271,7 +279,7 @@ def test_event_types_sharing_a_model_take_each_others_payloads() -> None:
     """recommendation.generated and .suppressed share one model: no refusal between them."""
     data = {"ticker": "AAPL", "action": "buy", "mode": "paper", "confidence": 0.5}
     generated = validate_payload("recommendation.generated", {**data, "evidence_count": 1})
-    assert validate_payload("recommendation.suppressed", generated) is generated
+    assert validate_payload("recommendation.suppressed", generated) == generated
 
 
 # ------------------------------------------------------------------- event types
