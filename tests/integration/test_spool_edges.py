@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import resource
 import signal
@@ -27,7 +28,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from audit_orm import AuditSpoolError, InvalidInputError
+from audit_orm import AuditSpoolError, BestEffortRepository, InvalidInputError
+from audit_orm.database import session_factory
 from audit_orm.repository import PreparedEvent, prepare_event
 from audit_orm.spool import (
     CLAIMED_SUFFIX,
@@ -37,7 +39,7 @@ from audit_orm.spool import (
     read_spool,
     replay_spool,
 )
-from tests.faultutil import event_counts
+from tests.faultutil import audit_table_locked, event_counts, set_timeout
 
 
 def _fill(broker_order_id: str = "B-1") -> PreparedEvent:
@@ -333,3 +335,45 @@ async def test_a_replay_the_database_refuses_stops_and_keeps_the_spool(
         await conn.execute(text(f'DROP OWNED BY "{role}"'))
         await conn.execute(text(f'DROP ROLE "{role}"'))
         await conn.commit()
+
+
+# -------------------------------------------------------------- best effort's spool
+
+
+async def test_best_effort_with_nothing_to_record(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """An empty batch writes nothing and spools nothing, whichever result is asked for."""
+    _, engine = fresh_db
+    path = tmp_path / "audit.spool"
+    async with session_factory(engine)() as session:
+        audit = BestEffortRepository(session, path)
+        assert repr(audit) == f"BestEffortRepository(spool=Spool({str(path)!r}))"
+        assert await audit.record_many([]) == []
+        assert await audit.record_many([], returning=False) == 0
+    assert not path.exists()
+
+
+async def test_a_void_that_cannot_be_written_is_logged_with_the_event_ids(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller rolls back, but the spool can no longer take the void: say so, loudly.
+
+    The rollback itself must not raise (that would hide the caller's own error),
+    and since replay will now write the rolled-back event, the log must name it.
+    This is the documented limit of voids: they need the spool to be writable.
+    """
+    _, engine = fresh_db
+    path = tmp_path / "audit.spool"
+    async with audit_table_locked(engine), session_factory(engine)() as session:
+        audit = BestEffortRepository(session, path)
+        await set_timeout(session, "lock_timeout", "100ms")
+        record = await audit.order_accepted(uuid.uuid4(), "AAPL", "B-1")
+        # The spool file is replaced by something that is not a regular file.
+        path.rename(tmp_path / "moved.spool")
+        os.mkfifo(path)
+        with caplog.at_level(logging.ERROR, logger="audit_orm"):
+            await session.rollback()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("could not void" in m and str(record.id) in m for m in messages), messages
+    assert read_spool(tmp_path / "moved.spool").voids == set()
