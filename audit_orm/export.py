@@ -23,7 +23,7 @@ formula (starting with ``=``, ``+``, ``-`` or ``@``) get a leading ``'``.
 from __future__ import annotations
 
 import csv
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, TextIO
@@ -242,8 +242,22 @@ async def export_events(
         raise InvalidInputError("format", format, "must be one of " + ", ".join(FORMATS))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidInputError("chunk_size", chunk_size, "must be a positive integer")
+    if not isinstance(source, (AsyncSession, AsyncConnection, AsyncEngine)):
+        raise InvalidInputError(
+            "source", source, "must be an AsyncEngine, an AsyncSession or an AsyncConnection"
+        )
+    if not callable(getattr(out, "write", None)):
+        raise InvalidInputError("out", out, "must be a writable text stream")
+    if progress is not None and not callable(progress):
+        raise InvalidInputError("progress", progress, "must be callable")
     if isinstance(event_types, (str, AuditEventType)):
         event_types = [event_types]
+    elif event_types is not None and (
+        isinstance(event_types, (bytes, Mapping)) or not isinstance(event_types, Iterable)
+    ):
+        raise InvalidInputError(
+            "event_types", event_types, "must be an event type or an iterable of them"
+        )
     kinds = None if event_types is None else [coerce_event_type(t) for t in event_types]
     stmt = _statement(since=since, until=until, ticker=ticker, event_types=kinds, order_id=order_id)
     try:

@@ -37,6 +37,7 @@ import errno
 import functools
 import hashlib
 import logging
+import math
 import os
 import stat
 import threading
@@ -425,6 +426,20 @@ class SpoolContents:
         )
 
 
+def _has_non_finite(value: Any) -> bool:
+    """Whether parsed JSON holds a NaN or an infinity (``NaN``, ``Infinity`` literals)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     """Whether any string in parsed JSON holds a lone surrogate (not encodable)."""
     stack = [value]
@@ -455,6 +470,10 @@ def _parse_record(line_no: int, raw: bytes, last: bool, out: SpoolContents) -> N
             raise ValueError("not a JSON object")
         if _has_lone_surrogate(record):
             raise ValueError("a string holds a lone surrogate, which is not text")
+        if _has_non_finite(record):
+            # Python's parser takes NaN and Infinity; no spool writer emits them,
+            # and they could not be written back to the rejected file either.
+            raise ValueError("a number is NaN or infinite, which JSON cannot hold")
     except (ValueError, RecursionError) as exc:
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         reason = (

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from audit_orm import (
     AuditEvent,
     AuditRecord,
     AuditRepository,
+    AuditSeal,
     AuditStorageError,
     AuditUnavailableError,
     AuditWriter,
@@ -44,9 +46,15 @@ from audit_orm import (
     UnknownEntityTypeError,
     UnknownEventTypeError,
     WriterClosedError,
+    digest,
+    export_events,
+    replay_spool,
+    seal,
+    verify,
 )
 from audit_orm.cli import _run, build_parser, main
 from audit_orm.errors import AuditSpoolError
+from audit_orm.jsonb import dumps_exact, loads_exact
 from audit_orm.payloads import (
     OrderCancelledPayload,
     PositionChangePayload,
@@ -54,6 +62,7 @@ from audit_orm.payloads import (
 )
 from audit_orm.repository import prepare_event
 from audit_orm.retry import RetryPolicy, call_with_retries
+from audit_orm.spool import Spool
 
 ORDER = uuid.UUID("0192f1a0-0000-7000-8000-000000000001")
 TAKEN = uuid.UUID("0192f1a0-0000-7000-8000-0000000000ee")
@@ -532,7 +541,10 @@ def all_kinds() -> list[str]:
         *(case.kind for case in CASES),
         *(case.kind for case in WRITER_CASES),
         *(case.kind for case in BEST_EFFORT_CASES),
+        *(case.kind for case in LIBRARY_CASES),
+        *(case.kind for case in LINE_CASES),
         *(case.kind for case in CLI_CASES + URL_CASES),
+        *(case.kind for case in OPTION_CASES),
     ]
 
 
@@ -779,6 +791,197 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
     assert stored == 200
 
 
+# ----------------------------- spool, replay, seal, verify, digest, export
+
+
+async def replay(path: Any, engine: Any, **options: Any) -> Any:
+    return await replay_spool(path, engine, **options)
+
+
+async def export(engine: AsyncEngine, **options: Any) -> Any:
+    return await export_events(engine, io.StringIO(), **options)
+
+
+# fmt: off
+LIBRARY_CASES = [
+    WriterCase("spool path None", at_once(lambda t, e, tmp: Spool(None)),  # type: ignore[arg-type]
+               InvalidInputError, "spool", "None"),
+    WriterCase("spool path empty", at_once(lambda t, e, tmp: Spool("")), InvalidInputError,
+               "spool", "''"),
+    WriterCase("spool path a number", at_once(lambda t, e, tmp: Spool(7)),  # type: ignore[arg-type]
+               InvalidInputError, "spool", "7"),
+    WriterCase("replay chunk size as text",
+               lambda t, e, tmp: replay(tmp / "s", e, chunk_size="10"),
+               InvalidInputError, "chunk_size", "'10'"),
+    WriterCase("replay chunk size huge", lambda t, e, tmp: replay(tmp / "s", e, chunk_size=10**6),
+               InvalidInputError, "chunk_size", "1000000"),
+    WriterCase("replay retry that is not a policy",
+               lambda t, e, tmp: replay(tmp / "s", e, retry=5),
+               InvalidInputError, "retry", "5"),
+    WriterCase("replay with no payload cap",
+               lambda t, e, tmp: replay(tmp / "s", e, max_payload_bytes=None),
+               InvalidInputError, "max_payload_bytes", "None"),
+    WriterCase("replay without an engine", lambda t, e, tmp: replay(tmp / "s", None),
+               InvalidInputError, "engine", "None"),
+    WriterCase("replay a spool path with NUL", lambda t, e, tmp: replay("s\x00p", e),
+               InvalidInputError, "spool", "'s\\x00p'"),
+    WriterCase("seal() block size zero", lambda t, e, tmp: seal(e, block_size=0),
+               InvalidInputError, "block_size", "0"),
+    WriterCase("seal block size as text", lambda t, e, tmp: seal(e, block_size="100"),
+               InvalidInputError, "block_size", "'100'"),
+    WriterCase("seal() max wait negative", lambda t, e, tmp: seal(e, max_wait=-1),
+               InvalidInputError, "max_wait", "-1"),
+    WriterCase("seal max wait as text", lambda t, e, tmp: seal(e, max_wait="soon"),
+               InvalidInputError, "max_wait", "'soon'"),
+    WriterCase("seal without an engine", lambda t, e, tmp: seal("postgresql://x/y"),
+               InvalidInputError, "engine", "'postgresql://x/y'"),
+    WriterCase("verify() digest malformed", lambda t, e, tmp: verify(e, digest="12:xyz"),
+               InvalidInputError, "digest", "'12:xyz'"),
+    WriterCase("verify digest with SQL", lambda t, e, tmp: verify(e, digest=SQL),
+               InvalidInputError, "digest", "DROP TABLE"),
+    WriterCase("verify digest of bytes", lambda t, e, tmp: verify(e, digest=b"\x01" * 32),
+               InvalidInputError, "digest", "b'\\x01"),
+    WriterCase("verify() max problems zero", lambda t, e, tmp: verify(e, max_problems=0),
+               InvalidInputError, "max_problems", "0"),
+    WriterCase("verify without an engine", lambda t, e, tmp: verify(None),
+               InvalidInputError, "engine", "None"),
+    WriterCase("digest without an engine", lambda t, e, tmp: digest(42),
+               InvalidInputError, "engine", "42"),
+    WriterCase("export() format unknown", lambda t, e, tmp: export(e, format="xml"),
+               InvalidInputError, "format", "'xml'"),
+    WriterCase("export chunk size zero", lambda t, e, tmp: export(e, chunk_size=0),
+               InvalidInputError, "chunk_size", "0"),
+    WriterCase("export event types as an integer", lambda t, e, tmp: export(e, event_types=123),
+               InvalidInputError, "event_types", "123"),
+    WriterCase("export no event types", lambda t, e, tmp: export(e, event_types=[]),
+               InvalidInputError, "event_types", "[]"),
+    WriterCase("export() since overflowing in UTC",
+               lambda t, e, tmp: export(e, since=YEAR_ONE_EAST),
+               InvalidInputError, "since", "datetime.datetime(1, 1, 1"),
+    WriterCase("export until naive", lambda t, e, tmp: export(e, until=datetime(2026, 1, 1)),
+               InvalidInputError, "until", "datetime.datetime(2026, 1, 1"),
+    WriterCase("export ticker with a lone surrogate",
+               lambda t, e, tmp: export(e, ticker="A\udcff"),
+               InvalidInputError, "ticker", "'A\\udcff'"),
+    WriterCase("export order id malformed", lambda t, e, tmp: export(e, order_id="o-1"),
+               InvalidIdError, "order_id", "'o-1'"),
+    WriterCase("export from a URL",
+               lambda t, e, tmp: export_events("postgresql://x/y", io.StringIO()),
+               InvalidInputError, "source", "'postgresql://x/y'"),
+    WriterCase("export into something not a stream",
+               lambda t, e, tmp: export_events(e, str(tmp / "out.jsonl")),
+               InvalidInputError, "out", "out.jsonl"),
+    WriterCase("export progress not callable", lambda t, e, tmp: export(e, progress="bar"),
+               InvalidInputError, "progress", "'bar'"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES, ids=[case.kind for case in LIBRARY_CASES])
+async def test_bad_input_to_spool_replay_seal_verify_and_export(
+    engine: AsyncEngine, tmp_path: Path, case: WriterCase
+) -> None:
+    """Spool, replay_spool, seal, verify, digest, export_events: typed error, nothing done."""
+    before = await committed_rows(engine)
+    with pytest.raises(case.error) as info:
+        await case.call(None, engine, tmp_path)
+    assert_typed(info.value, case)
+    assert os.listdir(tmp_path) == []  # no spool claimed, no file written
+    assert await committed_rows(engine) == before
+    async with engine.connect() as conn:  # the engine goes on working
+        assert await conn.scalar(select(func.count()).select_from(AuditSeal)) is not None
+
+
+@dataclass(frozen=True)
+class LineCase:
+    """A hostile spool line: how a good line is changed, and the field its rejection names."""
+
+    kind: str
+    change: Callable[[dict[str, Any]], str]
+    field: str
+
+
+def edit(**changes: Any) -> Callable[[dict[str, Any]], str]:
+    """Change fields of the spooled event, then write the line."""
+
+    def change(record: dict[str, Any]) -> str:
+        record["event"].update(changes)
+        return dumps_exact(record)
+
+    return change
+
+
+def raw(text: str) -> Callable[[dict[str, Any]], str]:
+    """Replace part of the line's JSON text (escapes a JSON writer would never emit)."""
+    old, new = text.split("=>")
+    return lambda record: dumps_exact(record).replace(old, new)
+
+
+# fmt: off
+LINE_CASES = [
+    LineCase("spool line: escaped lone surrogate in the actor",
+             raw('"actor":"system"=>"actor":"sys\\ud800tem"'), "lone surrogate"),
+    LineCase("spool line: escaped lone surrogate in payload text",
+             raw('"broker_order_id":"B-1"=>"broker_order_id":"B\\udfff"'), "lone surrogate"),
+    LineCase("spool line: time overflowing in UTC",
+             edit(occurred_at="0001-01-01T00:00:00+14:00"), "occurred_at"),
+    LineCase("spool line: count of 5000 digits",
+             raw('"ticker":"AAPL","broker_order_id"=>"ticker":"AAPL","n":1' + "0" * 5000
+                 + ',"broker_order_id"'), "corrupt line"),
+    LineCase("spool line: NaN in the payload",
+             raw('"broker_order_id":"B-1"=>"broker_order_id":NaN'), "NaN or infinite"),
+    LineCase("spool line: Infinity in the payload",
+             raw('"status":null=>"status":-Infinity'), "NaN or infinite"),
+    LineCase("spool line: unknown event type", edit(event_type="order.exploded"), "event_type"),
+    LineCase("spool line: actor of the wrong type", edit(actor=["root"]), "actor"),
+    LineCase("spool line: payload not an object",
+             lambda record: dumps_exact({**record, "event": {**record["event"], "data": [1]}}),
+             "data"),
+    LineCase("spool line: event id differs from its record",
+             lambda record: dumps_exact({**record, "event_id": str(uuid.uuid4())}), "event_id"),
+    LineCase("spool line: entity id with SQL", edit(entity_id=SQL), "entity_id"),
+    LineCase("spool line: control characters in the actor", edit(actor="ops\x1b[2J"), "actor"),
+    LineCase("spool line: not JSON", lambda record: "{not json", "corrupt line"),
+    LineCase("spool line: a JSON array", lambda record: "[1, 2, 3]", "corrupt line"),
+    LineCase("spool line: deeply nested JSON", lambda record: "[" * 100_000 + "]" * 100_000,
+             "corrupt line"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", LINE_CASES, ids=[case.kind for case in LINE_CASES])
+async def test_hostile_spool_lines_are_rejected_by_replay(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path, case: LineCase
+) -> None:
+    """replay_spool: a spool is a file anyone could edit; a hostile line is rejected alone.
+
+    The line is never written, the report names it (with the field at fault),
+    and the good lines around it are written.
+    """
+    _, engine = fresh_db
+    path = tmp_path / "audit.spool"
+    spool = Spool(path)
+    events = [
+        prepare_event("order.accepted", "order", uuid.uuid4(), {**ACCEPTED, "ticker": "AAPL"})
+        for _ in range(3)
+    ]
+    spool.append_events(events, "the database was down")
+    first, hostile, last = path.read_text().splitlines()
+    path.write_text(
+        "\n".join([first, case.change(loads_exact(hostile)), last]) + "\n", encoding="utf-8"
+    )
+
+    report = await replay_spool(path, engine, retry=RetryPolicy(attempts=1))
+
+    assert not report.ok
+    assert report.written == 2
+    assert [problem.line for problem in report.rejected] == [2]
+    assert case.field in report.rejected[0].reason, report.rejected[0].reason
+    async with engine.connect() as conn:
+        stored = set(await conn.scalars(select(AuditEvent.id)))
+    assert stored == {events[0].id, events[2].id}
+
+
 # ----------------------------------------------------------------------- CLI
 
 
@@ -819,6 +1022,46 @@ CLI_CASES = [
     CliCase("export ticker with escapes", ["export", "--ticker", "A\x1b]0;x\x07"],
             InvalidInputError, "ticker", "'A\\x1b]0;x\\x07'", "--ticker"),
     CliCase("replay a directory", ["replay", "{tmp}"], AuditSpoolError, "spool", "{tmp}"),
+    CliCase("trail id empty", ["trail", ""], InvalidIdError, "ORDER_ID", "''"),
+    CliCase("trail id from undecodable bytes", ["trail", "\udcff"], InvalidIdError,
+            "ORDER_ID", "'\\udcff'"),
+    CliCase("trail id too long", ["trail", str(ORDER) + "0"], InvalidIdError, "ORDER_ID",
+            str(ORDER) + "0"),
+    CliCase("export since overflowing in UTC", ["export", "--since", "0001-01-01T00:00+14:00"],
+            InvalidInputError, "--since", "'0001-01-01T00:00+14:00'"),
+    CliCase("export until overflowing in UTC", ["export", "--until", "9999-12-31T23:00-05:00"],
+            InvalidInputError, "--until", "'9999-12-31T23:00-05:00'"),
+    CliCase("export until before since",
+            ["export", "--since", "2026-02-01", "--until", "2026-01-01"],
+            InvalidInputError, "until", "2026", "--until"),
+    CliCase("export since a month thirteen", ["export", "--since", "2026-13-01"],
+            InvalidInputError, "--since", "'2026-13-01'"),
+    CliCase("export ticker from undecodable bytes", ["export", "--ticker", "A\udcff"],
+            InvalidInputError, "ticker", "'A\\udcff'", "--ticker"),
+    CliCase("export order id of the nil UUID with junk", ["export", "--order", "0" * 33],
+            InvalidIdError, "--order", "'000"),
+    CliCase("verify digest malformed", ["verify", "--digest", "12:xyz"], InvalidInputError,
+            "digest", "'12:xyz'", "--digest"),
+    CliCase("verify max problems zero", ["verify", "--max-problems", "0"], InvalidInputError,
+            "max_problems", "0", "--max-problems"),
+    CliCase("seal block size zero", ["seal", "--block-size", "0"], InvalidInputError,
+            "block_size", "0", "--block-size"),
+    CliCase("seal max wait negative", ["seal", "--max-wait", "-1"], InvalidInputError,
+            "max_wait", "-1", "--max-wait"),
+    CliCase("grant a role name with SQL", ["grant", "--writer", "app; DROP ROLE x"],
+            InvalidInputError, "writer", "DROP ROLE", "--writer"),
+    CliCase("grant to PUBLIC", ["grant", "--reader", "public"], InvalidInputError,
+            "reader", "'public'", "--reader"),
+    CliCase("export into a directory that does not exist",
+            ["export", "-o", "{tmp}/missing/out.jsonl"], InvalidInputError, "--output",
+            "missing/out.jsonl"),
+    CliCase("export onto a directory", ["export", "-o", "{tmp}"], InvalidInputError,
+            "--output", "{tmp}"),
+    CliCase("export onto a character device", ["export", "-o", "/dev/null"],
+            InvalidInputError, "--output", "'/dev/null'"),
+    CliCase("replay a spool in a directory that does not exist",
+            ["replay", "{tmp}/missing/audit.spool"], AuditSpoolError, "spool",
+            "missing/audit.spool"),
 ]
 URL_CASES = [
     CliCase("database URL not a URL", ["--database-url", "not a url", "trail", str(ORDER)],
@@ -838,6 +1081,7 @@ async def test_bad_input_through_the_cli(
     case: CliCase,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """audit-orm: the library's typed error, then exit 2 with a message naming the option."""
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in case.argv]
     if case not in URL_CASES:
         argv = ["--database-url", db_url, *argv]
@@ -858,6 +1102,56 @@ async def test_bad_input_through_the_cli(
     assert (case.option or case.field) in err and shown in err, err
     assert "\x1b" not in err and "\x00" not in err
     assert "s3cret" not in err
+    assert out.getvalue() == ""
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(AuditEvent)) == before
+
+
+@dataclass(frozen=True)
+class OptionCase:
+    """A command line argparse itself refuses: exit 2, a message naming the option."""
+
+    kind: str
+    argv: list[str]
+    option: str
+
+
+# fmt: off
+OPTION_CASES = [
+    OptionCase("replay chunk size not a number", ["replay", "s", "--chunk-size", "x"],
+               "--chunk-size"),
+    OptionCase("replay attempts not a number", ["replay", "s", "--attempts", "1.5"],
+               "--attempts"),
+    OptionCase("seal block size not a number", ["seal", "--block-size", "1e3"], "--block-size"),
+    OptionCase("seal max wait not a number", ["seal", "--max-wait", "soon"], "--max-wait"),
+    OptionCase("verify max problems not a number", ["verify", "--max-problems", "all"],
+               "--max-problems"),
+    OptionCase("export format unknown", ["export", "--format", "xml"], "--format"),
+    OptionCase("export option missing its value", ["export", "--since"], "--since"),
+    OptionCase("an option no command has", ["export", "--colour", "red"], "--colour"),
+    OptionCase("a command that does not exist", ["obliterate"], "COMMAND"),
+    OptionCase("trail without an order id", ["trail"], "ORDER_ID"),
+    OptionCase("replay without a spool", ["replay"], "SPOOL"),
+    OptionCase("an escape in an unknown option", ["digest", "--x\x1b[2J"], "--x\\x1b[2J"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c.kind for c in OPTION_CASES])
+async def test_bad_options_through_the_cli(
+    db_url: str, engine: AsyncEngine, case: OptionCase, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """audit-orm: options argparse refuses exit 2 naming the option, before any connection."""
+    async with engine.connect() as conn:
+        before = await conn.scalar(select(func.count()).select_from(AuditEvent))
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as info:
+        await asyncio.to_thread(main, ["--database-url", db_url, *case.argv], out)
+    err = capfd.readouterr().err
+    assert info.value.code == 2
+    assert case.option in err, err
+    assert "error:" in err
+    assert "\x1b" not in err
     assert out.getvalue() == ""
     async with engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(AuditEvent)) == before
