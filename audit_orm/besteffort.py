@@ -206,7 +206,10 @@ class BestEffortRepository(AuditRepository):
     database works. When it does not (:class:`~audit_orm.AuditStorageError`,
     including unreachable, lost connection and timeouts), the write returns a
     :class:`~audit_orm.spool.SpooledRecord` (``seq == 0``) instead of raising,
-    and the event is in the spool, fsynced, before the call returns.
+    and the event is in the spool, fsynced, before the call returns. When the
+    savepoint that isolates the write fails, it raises
+    :class:`~audit_orm.AuditTransactionLostError` instead (see the module docs).
+    Works on AUTOCOMMIT sessions too, without savepoints.
 
     :param session: the session whose transaction the events join.
     :param spool: a :class:`~audit_orm.spool.Spool` or the path of its file.
