@@ -41,7 +41,7 @@ import math
 import os
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,6 +206,10 @@ class Spool:
                 raise AuditSpoolError(f"spool {self.path}: cannot append: {exc}") from exc
 
     def _append_locked(self, payload: bytes) -> None:
+        self._append_with(lambda fd: _write_all(fd, payload))
+
+    def _append_with(self, write: Callable[[int], None]) -> None:
+        """Append whatever ``write`` writes to the open file, whole or not at all."""
         while True:
             fd = _open_private(self.path, os.O_RDWR | os.O_APPEND, create=True)
             try:
@@ -220,12 +224,11 @@ class Spool:
                     continue
                 if (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
                     continue
-                data = payload
-                if mine.st_size and os.pread(fd, 1, mine.st_size - 1) != b"\n":
-                    # A writer crashed mid-line: end that line so ours stays whole.
-                    data = b"\n" + payload
                 try:
-                    _write_all(fd, data)
+                    if mine.st_size and os.pread(fd, 1, mine.st_size - 1) != b"\n":
+                        # A writer crashed mid-line: end that line so ours stays whole.
+                        _write_all(fd, b"\n")
+                    write(fd)
                     os.fsync(fd)
                 except OSError:
                     # A full disk or an I/O error may have left part of our
@@ -354,12 +357,17 @@ class Spool:
                 if not os.path.lexists(claimed):
                     os.replace(self.path, claimed)
                 else:
-                    with open(fd, "rb", closefd=False) as source:
-                        pending = source.read()
-                    if pending:
-                        Spool(claimed)._append_locked(
-                            pending if pending.endswith(b"\n") else pending + b"\n"
-                        )
+                    # Copied in pieces: a spool that grew through a long
+                    # outage need not fit in memory.
+                    def copy(out: int) -> None:
+                        last = b"\n"
+                        while chunk := os.read(fd, 1 << 20):
+                            _write_all(out, chunk)
+                            last = chunk[-1:]
+                        if last != b"\n":
+                            _write_all(out, b"\n")
+
+                    Spool(claimed)._append_with(copy)
                     os.unlink(self.path)
                 _fsync_dir(self.path.parent)
             except OSError as exc:
