@@ -7,6 +7,7 @@ strategy normalises them first), so a mutation of the rule fails a test.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,8 @@ from audit_orm.payloads import (
     _describe,
     _finite,
     _finite_float,
+    _no_control,
+    _no_nul,
     coerce_event_type,
     payload_to_data,
 )
@@ -612,3 +615,92 @@ def test_a_problem_with_the_whole_payload_is_about_data() -> None:
     # doubled name the fallback gives; what matters is that it names the payload.
     assert error.field in {"data", "data.data"}
     assert error.value == "not a mapping"
+
+
+# ----------------------------------------------------- surrogates and times in UTC
+
+
+@pytest.mark.parametrize("code", [0xD800, 0xDBFF, 0xDC00, 0xDFFF], ids=hex)
+def test_lone_surrogates_are_refused_in_text_and_labels(code: int) -> None:
+    """Both ends of the surrogate range are refused in free text and in a label.
+
+    pydantic refuses them first (it cannot read them as a string); the text
+    validator refuses them on its own too, with its own reason.
+    """
+    char = chr(code)
+    _refused("broker_order_id", broker_order_id=f"B{char}")
+    _refused("side", side=f"b{char}")
+    with pytest.raises(
+        ValueError, match=r"^lone surrogates are not Unicode text and cannot be stored$"
+    ):
+        _no_nul(f"B{char}")
+    with pytest.raises(
+        ValueError, match=r"^lone surrogates are not Unicode text and cannot be stored$"
+    ):
+        _no_control(f"b{char}")
+
+
+@pytest.mark.parametrize("char", ["\ud7ff", "\ue000", "\U0001f6ab"])
+def test_characters_next_to_the_surrogates_are_text(char: str) -> None:
+    """The code points just outside the surrogate range, and a real astral character, pass."""
+    assert _fill(broker_order_id=f"B{char}").broker_order_id == f"B{char}"
+
+
+PLUS_14 = timezone(timedelta(hours=14))
+MINUS_14 = timezone(timedelta(hours=-14))
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(1, 1, 1, 13, 59, tzinfo=PLUS_14),
+        datetime.max.replace(tzinfo=MINUS_14),
+        datetime(9999, 12, 31, 10, 0, tzinfo=MINUS_14),
+    ],
+    ids=["year-1-at-plus-14", "max-at-minus-14", "last-day-at-minus-14"],
+)
+def test_times_that_do_not_exist_in_utc_are_refused(moment: datetime) -> None:
+    """An aware time whose UTC instant falls outside years 1-9999 is bad input, named."""
+    base = {"ticker": "A", "side": "buy", "quantity": 1, "estimated_value": 1}
+    with pytest.raises(InvalidPayloadError) as info:
+        validate_payload("approval.requested", {**base, "expires_at": moment})
+    assert info.value.field == "data.expires_at"
+    assert info.value.reason == (
+        "Value error, is out of range once converted to UTC for approval.requested"
+    )
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(1, 1, 1, 14, 0, tzinfo=PLUS_14),
+        datetime(9999, 12, 31, 9, 59, 59, 999999, tzinfo=MINUS_14),
+    ],
+    ids=["first-instant", "last-instant"],
+)
+def test_the_first_and_last_instants_in_utc_are_accepted(moment: datetime) -> None:
+    """Exactly 0001-01-01T00:00Z and 9999-12-31T23:59:59.999999Z are kept as given."""
+    base = {"ticker": "A", "side": "buy", "quantity": 1, "estimated_value": 1}
+    data = payload_to_data(validate_payload("approval.requested", {**base, "expires_at": moment}))
+    assert data["expires_at"] == moment.isoformat()
+
+
+def test_times_are_checked_in_utc_not_the_machines_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine at UTC+14, times valid in UTC stay valid and invalid ones stay refused.
+
+    The last hour of year 9999 in UTC does not exist in the machine's zone; it
+    must be accepted all the same, and a time before year 1 in UTC refused.
+    """
+    monkeypatch.setenv("TZ", "Etc/GMT-14")
+    time.tzset()
+    try:
+        base = {"ticker": "A", "side": "buy", "quantity": 1, "estimated_value": 1}
+        late = datetime(9999, 12, 31, 23, 0, tzinfo=UTC)
+        data = payload_to_data(validate_payload("approval.requested", {**base, "expires_at": late}))
+        assert data["expires_at"] == late.isoformat()
+        early = datetime(1, 1, 1, 13, 0, tzinfo=PLUS_14)
+        with pytest.raises(InvalidPayloadError):
+            validate_payload("approval.requested", {**base, "expires_at": early})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
