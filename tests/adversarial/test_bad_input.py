@@ -1054,7 +1054,8 @@ CLI_CASES = [
             "reader", "'public'", "--reader"),
     CliCase("export into a directory that does not exist",
             ["export", "-o", "{tmp}/missing/out.jsonl"], InvalidInputError, "--output",
-            "missing/out.jsonl"),
+            # The path itself may be cut short in the message (it is shown bounded).
+            "does not exist"),
     CliCase("export onto a directory", ["export", "-o", "{tmp}"], InvalidInputError,
             "--output", "{tmp}"),
     CliCase("export onto a character device", ["export", "-o", "/dev/null"],
