@@ -334,9 +334,28 @@ _SPEC_KEYS = frozenset(_SPEC_FIELDS)
 _SPEC_REQUIRED = ("event_type", "entity_type", "entity_id", "data")
 
 
+def check_prepared(event: PreparedEvent) -> PreparedEvent:
+    """Check what the driver would trip on in a :class:`PreparedEvent` built by hand.
+
+    :func:`prepare_event` guarantees all of it; a dataclass built directly
+    guarantees nothing. Cheap checks only (the payload is not validated again):
+    the actor, the business time, and stored text that UTF-8 cannot encode.
+    The database's own constraints refuse the rest.
+    """
+    check_actor(event.actor)
+    if event.occurred_at is not None:
+        check_timestamp(event.occurred_at, "occurred_at")
+    if event.ticker is not None:
+        check_ticker(event.ticker)
+    text = event.json_text()
+    if not text.isascii() and SURROGATES.search(text):
+        raise InvalidPayloadError("data", text, "must not contain lone surrogates (not Unicode)")
+    return event
+
+
 def _prepare_spec(event: Any, max_payload_bytes: int) -> PreparedEvent:
     if isinstance(event, PreparedEvent):
-        return event
+        return check_prepared(event)
     if not isinstance(event, Mapping):
         raise InvalidInputError(
             "event", event, "must be a mapping of record() arguments or a PreparedEvent"
@@ -432,6 +451,10 @@ async def _write_prepared(
     return records
 
 
+#: The largest ``seq`` (a bigint): a cursor past it would overflow in the query.
+_SEQ_MAX = 2**63 - 1
+
+
 def _cursor_value(after: str | int | None) -> int | None:
     if after is None:
         return None
@@ -443,7 +466,7 @@ def _cursor_value(after: str | int | None) -> int | None:
         value = int(after)
     else:
         raise InvalidInputError("after", after, "is not a cursor returned by search()")
-    if value < 0:
+    if not 0 <= value <= _SEQ_MAX:
         raise InvalidInputError("after", after, "is not a cursor returned by search()")
     return value
 

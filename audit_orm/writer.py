@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from types import TracebackType
 from typing import Any
 from uuid import UUID
 
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit_orm import bulk
@@ -67,6 +69,7 @@ from audit_orm.repository import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     PreparedEvent,
     check_max_payload_bytes,
+    check_prepared,
     prepare_event,
 )
 
@@ -207,7 +210,14 @@ class AuditWriter:
             raise InvalidInputError("engine", engine, "must be an AsyncEngine, a URL or None")
         max_payload_bytes = check_max_payload_bytes(max_payload_bytes)
         self._owns_engine = not isinstance(engine, AsyncEngine)
-        base = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
+        try:
+            base = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
+        except (ValueError, ArgumentError) as exc:
+            # Not a URL, or not PostgreSQL's; the password is not shown.
+            shown = re.sub(
+                r"(://[^:/@]*:)[^@]*@", r"\1***@", engine if isinstance(engine, str) else ""
+            )
+            raise InvalidInputError("engine", shown, f"is not a usable URL: {exc}") from None
         # Each group is one INSERT statement, which in autocommit mode is a
         # transaction of its own: one round trip writes and commits a group.
         self._engine = base.execution_options(isolation_level="AUTOCOMMIT")
@@ -343,6 +353,7 @@ class AuditWriter:
         """
         if not isinstance(event, PreparedEvent):
             raise InvalidInputError("event", event, "must be a PreparedEvent (see prepare_event)")
+        check_prepared(event)
         if self._closing:
             raise WriterClosedError("the audit writer is closed")
         if self._task is None:

@@ -470,6 +470,10 @@ CASES = [
     Case("search cursor as a boolean", search(after=True), InvalidInputError, "after", "True"),
     Case("search cursor of 30 digits", search(after="9" * 30), InvalidInputError,
          "after", "999"),
+    Case("search cursor past bigint", search(after="9" * 19), InvalidInputError,
+         "after", "'9999999999999999999'"),
+    Case("search cursor integer past bigint", search(after=2**63), InvalidInputError,
+         "after", "9223372036854775808"),
     Case("search limit as a boolean", search(limit=True), InvalidInputError, "limit", "True"),
     Case("stream chunk size zero", now(lambda r: r.stream(chunk_size=0)), InvalidInputError,
          "chunk_size", "0"),
@@ -529,6 +533,7 @@ def assert_typed(error: BaseException, case: Case | WriterCase) -> None:
     assert case.field in message, message
     assert case.shown in message, message
     assert not any(ord(ch) < 32 for ch in message)  # hostile bytes never reach a log raw
+    assert "s3cret" not in message  # nor does a password
 
 
 async def count_rows(session: AsyncSession) -> int:
@@ -617,6 +622,12 @@ def at_once(
     return call
 
 
+def prepared_accepted(**changes: Any) -> Any:
+    """A valid prepared event, changed by hand (as a caller could) past validation."""
+    prepared = prepare_event("order.accepted", "order", uuid.uuid4(), ACCEPTED)
+    return dataclasses.replace(prepared, **changes)
+
+
 async def record_after_close(target: Any, engine: AsyncEngine, tmp: Path) -> Any:
     closed = AuditWriter(engine)
     await closed.close()
@@ -645,6 +656,14 @@ WRITER_CASES = [
     WriterCase("writer: queueing a mapping as a prepared event",
                lambda target, engine, tmp: target.record_prepared(ACCEPTED),
                InvalidInputError, "event", "broker_order_id"),
+    WriterCase("writer: a hand-built event with a lone surrogate",
+               lambda target, engine, tmp: target.record_prepared(
+                   dataclasses.replace(prepared_accepted(), actor="\udc00")),
+               InvalidInputError, "actor", "'\\udc00'"),
+    WriterCase("writer: a hand-built event with a time outside UTC",
+               lambda target, engine, tmp: target.record_prepared(
+                   dataclasses.replace(prepared_accepted(), occurred_at=LAST_WEST)),
+               InvalidInputError, "occurred_at", "9999"),
     WriterCase("writer: recording after close", record_after_close, WriterClosedError,
                "the audit writer is closed", ""),
     WriterCase("writer: max_batch zero", at_once(lambda t, e, _: AuditWriter(e, max_batch=0)),
@@ -663,6 +682,11 @@ WRITER_CASES = [
                InvalidInputError, "max_payload_bytes", "None"),
     WriterCase("writer: an engine that is a number", at_once(lambda t, e, _: AuditWriter(5)),
                InvalidInputError, "engine", "5"),
+    WriterCase("writer: a URL that is not one", at_once(lambda t, e, _: AuditWriter("db, please")),
+               InvalidInputError, "engine", "'db, please'"),
+    WriterCase("writer: a URL of another database, password hidden",
+               at_once(lambda t, e, _: AuditWriter("mysql://app:s3cret@db/audit")),
+               InvalidInputError, "engine", "'mysql://app:***@db/audit'"),
 ]
 BEST_EFFORT_CASES = [
     WriterCase("best effort: lone surrogate in the actor", wrec(actor="a\udc00"),
@@ -688,6 +712,12 @@ BEST_EFFORT_CASES = [
     WriterCase("best effort: record_many with a lone surrogate",
                lambda t, e, _: t.record_many([spec(), spec(actor="\ud800")]),
                InvalidInputError, "events[1].actor", "'\\ud800'"),
+    WriterCase("best effort: record_many of a hand-built event with a lone surrogate",
+               lambda t, e, _: t.record_many([prepared_accepted(data_json='{"x": "\udfff"}')]),
+               InvalidPayloadError, "events[0].data", "\\udfff"),
+    WriterCase("best effort: record_many of a hand-built event with a naive time",
+               lambda t, e, _: t.record_many([prepared_accepted(occurred_at=datetime(2026, 1, 1))]),
+               InvalidInputError, "events[0].occurred_at", "datetime.datetime(2026, 1, 1"),
     WriterCase("best effort: correction of an event never recorded", wrec(corrects=ORDER),
                InvalidInputError, "corrects", str(ORDER)),
     WriterCase("best effort: no payload cap",
@@ -753,11 +783,10 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
 ) -> None:
     """AuditWriter: "one caller's bad input fails that caller alone", at the database too.
 
-    Two events that only the database (or its driver) can refuse are queued
-    among 200 good ones: one has an actor longer than the table's check
-    allows, one carries a lone surrogate (the driver cannot encode it); both
-    are built by hand, past validation. Each fails its own caller; the 200
-    others commit, in queue order.
+    Two events that only the database can refuse are queued among 200 good
+    ones, built by hand past validation: one's JSON text is cut short, one
+    holds a number too large for PostgreSQL's numeric. Each fails its own
+    caller; the 200 others commit, in queue order.
     """
     _, engine = fresh_db
     ticker = f"P{uuid.uuid4().hex[:8].upper()}"
@@ -765,15 +794,15 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
         prepare_event("order.accepted", "order", uuid.uuid4(), {**ACCEPTED, "ticker": ticker})
         for _ in range(200)
     ]
-    too_long = dataclasses.replace(good[0], id=uuid.uuid4(), actor="a" * 500)
-    unencodable = dataclasses.replace(good[0], id=uuid.uuid4(), actor="ops\ud800")
-    events = [*good[:60], too_long, *good[60:150], unencodable, *good[150:]]
+    cut_short = dataclasses.replace(good[0], id=uuid.uuid4(), data_json='{"ticker": "X"')
+    too_large = dataclasses.replace(good[0], id=uuid.uuid4(), data_json='{"n": 1e999999}')
+    events = [*good[:60], cut_short, *good[60:150], too_large, *good[150:]]
     async with AuditWriter(engine, max_delay=0.5) as writer:
         results = await asyncio.gather(
             *(writer.record_prepared(event) for event in events), return_exceptions=True
         )
     outcomes = dict(zip((event.id for event in events), results, strict=True))
-    for refused in (too_long, unencodable):
+    for refused in (cut_short, too_large):
         failure = outcomes.pop(refused.id)
         assert isinstance(failure, AuditStorageError), failure
         assert not isinstance(failure, AuditUnavailableError)
