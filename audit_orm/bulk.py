@@ -44,6 +44,7 @@ from audit_orm.errors import (
     DB_ERRORS,
     EventIdConflictError,
     InvalidInputError,
+    connection_broken,
     translate_db_error,
 )
 from audit_orm.jsonb import dumps_exact, loads_exact
@@ -222,8 +223,14 @@ async def driver_fetch(
 
 
 async def _check_connection(conn: AsyncConnection, driver: Any, exc: Exception) -> None:
-    """After a driver error: if the connection is gone, invalidate it and say so."""
-    if not driver.is_closed():
+    """After a driver error: if the connection is gone, invalidate it and say so.
+
+    Gone includes left unusable: a COPY cut off half-way can leave the driver
+    "in the middle of another operation", open but refusing every statement,
+    the ROLLBACK that would clean up included. Such a connection must not go
+    back to the pool.
+    """
+    if not driver.is_closed() and not connection_broken(exc):
         return
     await conn.invalidate(exc)
     raise DisconnectionError(f"the connection was lost: {exc}") from exc
