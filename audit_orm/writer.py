@@ -134,17 +134,23 @@ def _blames_one_event(exc: BaseException) -> bool:
     """
     if isinstance(exc, AuditUnavailableError):
         return False
-    cause: BaseException | None = exc
-    while cause is not None:
-        state = getattr(cause, "sqlstate", None) or getattr(
-            getattr(cause, "orig", None), "sqlstate", None
-        )
+    causes: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cause = todo.pop()
+        if cause is None or cause in causes:
+            continue
+        causes.append(cause)
+        todo += [cause.__cause__, getattr(cause, "orig", None)]
+    for cause in causes:
+        state = getattr(cause, "sqlstate", None)
         if isinstance(state, str):
             return state[:2] in _DATA_STATE_CLASSES
-        cause = cause.__cause__
-    # No SQLSTATE at all: the driver could not even send a value (a string
-    # it cannot encode, a time it cannot convert): that value's event alone.
-    return not isinstance(exc, AuditStorageError) or exc.__cause__ is not None
+    # No SQLSTATE: the server never saw the statement. A value the driver
+    # could not convert (a string it cannot encode, an id that is no UUID) is
+    # that value's event alone; anything else (a connection busy or closed)
+    # is the group's.
+    return any(isinstance(cause, (ValueError, TypeError, OverflowError)) for cause in causes)
 
 
 def _failure(exc: BaseException, event: PreparedEvent) -> BaseException:

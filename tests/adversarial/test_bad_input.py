@@ -783,10 +783,11 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
 ) -> None:
     """AuditWriter: "one caller's bad input fails that caller alone", at the database too.
 
-    Two events that only the database can refuse are queued among 200 good
-    ones, built by hand past validation: one's JSON text is cut short, one
-    holds a number too large for PostgreSQL's numeric. Each fails its own
-    caller; the 200 others commit, in queue order.
+    Three events that only the database or its driver can refuse are queued
+    among 200 good ones, built by hand past validation: one's JSON text is cut
+    short, one holds a number too large for PostgreSQL's numeric, one has an
+    entity id the driver cannot send as a UUID. Each fails its own caller; the
+    200 others commit, in queue order.
     """
     _, engine = fresh_db
     ticker = f"P{uuid.uuid4().hex[:8].upper()}"
@@ -796,13 +797,14 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
     ]
     cut_short = dataclasses.replace(good[0], id=uuid.uuid4(), data_json='{"ticker": "X"')
     too_large = dataclasses.replace(good[0], id=uuid.uuid4(), data_json='{"n": 1e999999}')
-    events = [*good[:60], cut_short, *good[60:150], too_large, *good[150:]]
+    not_an_id = dataclasses.replace(good[0], id=uuid.uuid4(), entity_id="order-7")
+    events = [*good[:60], cut_short, *good[60:150], too_large, *good[150:199], not_an_id, good[199]]
     async with AuditWriter(engine, max_delay=0.5) as writer:
         results = await asyncio.gather(
             *(writer.record_prepared(event) for event in events), return_exceptions=True
         )
     outcomes = dict(zip((event.id for event in events), results, strict=True))
-    for refused in (cut_short, too_large):
+    for refused in (cut_short, too_large, not_an_id):
         failure = outcomes.pop(refused.id)
         assert isinstance(failure, AuditStorageError), failure
         assert not isinstance(failure, AuditUnavailableError)
@@ -810,7 +812,7 @@ async def test_one_refused_event_fails_its_caller_alone_in_a_writer_group(
     assert all(isinstance(record, AuditRecord) for record in records), records
     seqs = [record.seq for record in records if isinstance(record, AuditRecord)]
     assert seqs == sorted(seqs)  # queue order kept through the split
-    assert writer.stats.refused_events == 2
+    assert writer.stats.refused_events == 3
     assert writer.stats.split_batches >= 1
     assert writer.stats.failed_batches == 0
     async with engine.connect() as conn:
