@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from audit_orm.database import DATABASE_URL_ENV, asyncpg_url
-from audit_orm.migrate import VERSION_TABLE
+from audit_orm.migrate import VERSION_TABLE, migration_lock
 from audit_orm.models import Base
 
 config = context.config
@@ -84,8 +84,10 @@ async def _run_async(url: str) -> None:
                 f"check {DATABASE_URL_ENV}"
             ) from exc
         try:
-            await connection.run_sync(_configure)
-            await connection.commit()
+            # One migration of a database at a time, whoever runs it.
+            async with migration_lock(connection):
+                await connection.run_sync(_configure)
+                await connection.commit()
         finally:
             await connection.close()
     finally:

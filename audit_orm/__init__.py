@@ -9,6 +9,7 @@ from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     AppendOnlyError,
     AuditError,
+    AuditSerializationError,
     AuditSpoolError,
     AuditStorageError,
     AuditTimeoutError,
@@ -61,6 +62,7 @@ __all__ = [
     "AuditRecord",
     "AuditRepository",
     "AuditSeal",
+    "AuditSerializationError",
     "AuditSpoolError",
     "AuditStorageError",
     "AuditTimeoutError",

@@ -20,14 +20,19 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from alembic.util.exc import CommandError
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm import grants, migrate, sealing
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.display import escape_controls, escape_json
-from audit_orm.errors import AuditError, InvalidInputError
+from audit_orm.errors import (
+    AuditError,
+    AuditUnavailableError,
+    InvalidInputError,
+    translate_db_error,
+)
 from audit_orm.export import FORMATS, TerminalProgress, export_events
 from audit_orm.ids import coerce_optional_uuid, coerce_uuid
 from audit_orm.repository import AuditRepository
@@ -466,6 +471,10 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         handler: Command = args.handler
         return await handler(args, engine, out)
+    except SQLAlchemyError as exc:
+        # A database error a command let through untranslated still gets its
+        # typed class, so the exit status says whether to try again.
+        raise translate_db_error(exc, args.command) from exc
     finally:
         await engine.dispose()
 
@@ -502,14 +511,30 @@ def error_message(exc: BaseException) -> str:
     return escape_controls(f"audit-orm: error: {text}")
 
 
+#: Exit status: the command failed on its arguments or a local file (argparse's own too).
+EXIT_BAD_INPUT = 2
+#: Exit status: the database could not be reached, or the command met a
+#: transient failure (timeout, lost connection, serialization failure): run it
+#: again later.
+EXIT_UNAVAILABLE = 3
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Entry point of the ``audit-orm`` console script; returns the exit code."""
+    """Entry point of the ``audit-orm`` console script; returns the exit code.
+
+    0: done; 1: done, and what was checked does not hold (see each command);
+    :data:`EXIT_BAD_INPUT` for bad input and every other refusal;
+    :data:`EXIT_UNAVAILABLE` when the database is unavailable.
+    """
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args, out or sys.stdout))
+    except AuditUnavailableError as exc:
+        print(error_message(exc), file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (AuditError, OSError, ValueError) as exc:
         print(error_message(exc), file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

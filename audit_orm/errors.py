@@ -95,7 +95,7 @@ class AuditStorageError(AuditError):
 class AuditUnavailableError(AuditStorageError):
     """The database could not be reached (connection refused, lost or timed out),
     or it aborted the transaction so others could go on (serialization failure,
-    deadlock).
+    deadlock: :class:`AuditSerializationError`).
 
     The condition is transient: the same unit of work may succeed when run
     again, which is why retries (see :mod:`audit_orm.retry`) act on this class
@@ -118,7 +118,20 @@ class AuditTransactionLostError(AuditUnavailableError):
 
 class AuditTimeoutError(AuditUnavailableError):
     """A statement or lock wait exceeded its time limit (``statement_timeout``,
-    ``lock_timeout``) and was cancelled by the server; nothing it did remains."""
+    ``lock_timeout``, ``idle_in_transaction_session_timeout``,
+    ``transaction_timeout``) and was cancelled by the server; nothing it did remains."""
+
+
+class AuditSerializationError(AuditUnavailableError):
+    """The server aborted the transaction because it collided with a concurrent one.
+
+    A serialization failure (SQLSTATE ``40001``, under ``REPEATABLE READ`` or
+    ``SERIALIZABLE``) or a deadlock (``40P01``): nothing the transaction did
+    remains, and running the whole transaction again is expected to succeed,
+    so retries (:func:`~audit_orm.retry.call_with_retries`) act on it like on
+    any transient failure. Repeating one statement inside the aborted
+    transaction cannot.
+    """
 
 
 class AuditSpoolError(AuditStorageError):
@@ -131,14 +144,15 @@ class AuditSpoolError(AuditStorageError):
 
 
 #: SQLSTATEs of a cancelled statement: query_canceled (statement_timeout),
-#: lock_not_available (lock_timeout, NOWAIT), idle-in-transaction timeout.
-_TIMEOUT_STATES = frozenset({"57014", "55P03", "25P03"})
+#: lock_not_available (lock_timeout, NOWAIT), idle-in-transaction timeout,
+#: transaction_timeout (PostgreSQL 17 and later).
+_TIMEOUT_STATES = frozenset({"57014", "55P03", "25P03", "25P04"})
+#: SQLSTATEs of a transaction aborted for a concurrent one: serialization
+#: failure, deadlock. Worth running the whole transaction again.
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
 #: SQLSTATEs of a server that is going away or not accepting connections yet:
 #: admin/crash shutdown, cannot_connect_now, too_many_connections.
 _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
-#: SQLSTATEs of a transaction the server chose to abort so others could go on
-#: (serialization failure, deadlock): the same work succeeds when run again.
-_TRANSIENT_STATES = frozenset({"40001", "40P01"})
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -264,10 +278,10 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
     """Turn a SQLAlchemy/driver exception into an :class:`AuditStorageError`.
 
     Connection failures (refused, lost, a server shutting down; see
-    :func:`connection_broken`) and transactions the server aborted to let others
-    go on (serialization failure, deadlock) become
-    :class:`AuditUnavailableError`, server-side timeouts
-    :class:`AuditTimeoutError`, anything else :class:`AuditStorageError`.
+    :func:`connection_broken`) become :class:`AuditUnavailableError`,
+    server-side timeouts :class:`AuditTimeoutError`, transactions the server
+    aborted to let others go on (serialization failure, deadlock)
+    :class:`AuditSerializationError`, anything else :class:`AuditStorageError`.
     Callers ``raise translate_db_error(exc, "...") from exc`` so the cause stays
     attached for debugging.
     """
@@ -278,12 +292,12 @@ def translate_db_error(exc: BaseException, action: str) -> AuditStorageError:
         return AppendOnlyError(f"{action} failed: {first}")
     if state in _TIMEOUT_STATES:
         return AuditTimeoutError(f"{action} failed: {first}")
+    if state in _CONFLICT_STATES:
+        return AuditSerializationError(f"{action} failed: transaction aborted, retry it ({first})")
     if isinstance(exc, (OSError, TimeoutError)):
         return AuditUnavailableError(
             f"{action} failed: database unreachable ({type(exc).__name__}: {first})"
         )
-    if state in _TRANSIENT_STATES:
-        return AuditUnavailableError(f"{action} failed: transaction aborted, retry it ({first})")
     if connection_broken(exc):
         # The driver's own words for a dropped connection can be obscure
         # ("cannot switch to state 11"); say what happened first.

@@ -14,7 +14,10 @@ The revisions ship inside the package. Two ways to use them, one per database:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit_orm.errors import MigrationConflictError
+from audit_orm.errors import DB_ERRORS, MigrationConflictError, translate_db_error
 from audit_orm.models import Base
 
 #: The version table of standalone use, apart from a host application's own.
@@ -198,14 +201,75 @@ async def downgrade(target: AsyncEngine | AsyncConnection, revision: str) -> Non
     await _on(target, revision, "downgrade")
 
 
-async def _on(target: AsyncEngine | AsyncConnection, revision: str, action: str) -> None:
-    if isinstance(target, AsyncEngine):
-        # A bare connection: Alembic's environment owns the transaction.
-        async with target.connect() as conn:
-            await conn.run_sync(_run, revision, action)
+#: The advisory lock that lets one audit_orm migration of a database run at a
+#: time (a 64-bit key of our own: the ASCII of "auditmig").
+MIGRATION_LOCK_KEY = 0x61756469746D6967
+#: Alembic keeps the running migration in module globals (``alembic.context``,
+#: ``alembic.op``), shared by every migration of the process, whichever its
+#: database or event loop.
+_PROCESS_LOCK = threading.Lock()
+
+
+@asynccontextmanager
+async def _one_in_this_process() -> AsyncIterator[None]:
+    # Polled rather than waited for in a thread: a cancelled wait then never
+    # leaves the lock taken by nobody.
+    while not _PROCESS_LOCK.acquire(blocking=False):  # noqa: ASYNC110 - no event spans loops
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        _PROCESS_LOCK.release()
+
+
+@asynccontextmanager
+async def migration_lock(conn: AsyncConnection) -> AsyncIterator[None]:
+    """Hold :data:`MIGRATION_LOCK_KEY` on ``conn`` for the block: one migration at a time.
+
+    Two migrations of one database at once would both try to create the same
+    tables, and one would fail half-way; with the lock, the second waits and
+    then finds the revisions applied. On a connection already in a transaction
+    the lock is that transaction's; otherwise it is the session's, so it
+    outlives the transactions Alembic commits, and is released at the end (or
+    by the server, if the connection dies).
+    """
+    key = {"key": MIGRATION_LOCK_KEY}
+    if conn.in_transaction():
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), key)
+        yield
+        return
+    await conn.execute(text("SELECT pg_advisory_lock(:key)"), key)
+    await conn.commit()
+    try:
+        yield
+    finally:
+        try:
+            await conn.rollback()
+            await conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)
             await conn.commit()
-    else:
-        await target.run_sync(_run, revision, action)
+        except DB_ERRORS:
+            # A connection that cannot say unlock must not go back to a pool
+            # still holding the lock: closing it for good releases it.
+            await conn.invalidate()
+
+
+async def _on(target: AsyncEngine | AsyncConnection, revision: str, action: str) -> None:
+    async with _one_in_this_process():
+        if not isinstance(target, AsyncEngine):
+            async with migration_lock(target):
+                await target.run_sync(_run, revision, action)
+            return
+        # A bare connection: Alembic's environment owns the transaction.
+        try:
+            conn = await target.connect()
+        except DB_ERRORS as exc:
+            raise translate_db_error(exc, f"connecting to {action}") from exc
+        try:
+            async with migration_lock(conn):
+                await conn.run_sync(_run, revision, action)
+                await conn.commit()
+        finally:
+            await conn.close()
 
 
 def current_heads(connection: Connection, version_table: str = VERSION_TABLE) -> tuple[str, ...]:

@@ -8,10 +8,11 @@ transaction back. There, the error reaches the caller (or, in best-effort
 mode, the event goes to the spool).
 
 Only transient failures (:class:`~audit_orm.errors.AuditUnavailableError` and
-its subclasses) are retried, and a raw driver or SQLAlchemy error that
-:func:`~audit_orm.errors.connection_broken` recognises as a lost connection
-(the caller's own ``ROLLBACK`` or ``COMMIT`` on a dead connection, say) counts
-as one: it is translated to :class:`~audit_orm.errors.AuditUnavailableError`. Audit
+its subclasses :class:`~audit_orm.errors.AuditTimeoutError` and
+:class:`~audit_orm.errors.AuditSerializationError`) are retried, and so is a
+raw driver or SQLAlchemy error that translates to one: a lost connection
+(:func:`~audit_orm.errors.connection_broken`) or a serialization failure met
+by the caller's own ``COMMIT``, say. It is raised on as the translated error. Audit
 writes are idempotent by event id, so repeating one whose acknowledgement was
 lost cannot write the event twice.
 """
@@ -26,7 +27,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from audit_orm.errors import (
+    AuditError,
     AuditUnavailableError,
     InvalidInputError,
     connection_broken,
@@ -92,6 +96,24 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth running the failed unit of work again for.
+
+    An :class:`~audit_orm.errors.AuditUnavailableError` is, and so is a raw
+    database error that translates to one: those reach a unit of work from
+    the caller's own statements, its ``COMMIT`` above all, where a
+    serialization failure or a lost connection shows up untranslated.
+    """
+    if isinstance(exc, AuditUnavailableError):
+        return True
+    if isinstance(exc, AuditError):
+        return False
+    if connection_broken(exc):
+        return True
+    raw = isinstance(exc, SQLAlchemyError) or type(exc).__module__.startswith("asyncpg")
+    return raw and isinstance(translate_db_error(exc, "retry"), AuditUnavailableError)
+
+
 async def call_with_retries(
     operation: Callable[[], Awaitable[T]],
     *,
@@ -101,9 +123,11 @@ async def call_with_retries(
     """Await ``operation()``; repeat it on a transient failure, as ``policy`` allows.
 
     ``operation`` must be idempotent and must open its own transaction on each
-    call. Every retry is logged at WARNING on the ``audit_orm.retry`` logger with
-    the attempt number and the error; giving up is logged at ERROR and the last
-    error is raised.
+    call. What is retried is decided by :func:`is_transient` (a raw error is
+    translated first); anything else is raised at once, as it came. Every retry
+    is logged at WARNING on the ``audit_orm.retry`` logger with the attempt
+    number and the error; giving up is logged at ERROR and the last error is
+    raised.
     """
     if not isinstance(policy, RetryPolicy):
         raise InvalidInputError("policy", policy, "must be a RetryPolicy")
@@ -116,10 +140,10 @@ async def call_with_retries(
             except AuditUnavailableError:
                 raise
             except Exception as raw:
-                if not connection_broken(raw):
+                if not is_transient(raw):
                     raise
                 translated = translate_db_error(raw, action)
-                if not isinstance(translated, AuditUnavailableError):  # pragma: no cover
+                if not isinstance(translated, AuditUnavailableError):
                     translated = AuditUnavailableError(f"{action} failed: connection lost ({raw})")
                 raise translated from raw
         except AuditUnavailableError as exc:

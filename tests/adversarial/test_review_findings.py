@@ -6,23 +6,35 @@ promise it attacks and what must hold now.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from audit_orm import (
+    AuditError,
     AuditRepository,
+    AuditSerializationError,
+    AuditTimeoutError,
+    AuditUnavailableError,
     AuditWriter,
     EventIdConflictError,
     InvalidInputError,
     MigrationConflictError,
+    cli,
     grant,
     migrate,
 )
 from audit_orm.repository import prepare_event
+from audit_orm.retry import RetryPolicy, call_with_retries
+from tests.dbutil import scratch_database
+from tests.faultutil import unreachable_url
 
 
 def _accepted(order_id: uuid.UUID, broker: str = "brk-1", **extra: object) -> dict[str, object]:
@@ -247,3 +259,191 @@ async def test_writer_prepared_path_checks_the_corrected_event(
         with pytest.raises(InvalidInputError, match="corrects"):
             await writer.record_prepared(prepared)
     assert await _present(engine, [prepared.id]) == set()
+
+
+# ------------------------------------------- transient conflicts (#6, #15)
+
+
+async def _fail_inserts_once(engine: AsyncEngine, sqlstate: str, times: int = 1) -> None:
+    """The next ``times`` INSERT statements on audit_events fail with ``sqlstate``.
+
+    A real server error through the real driver, from a statement trigger; a
+    sequence counts the failures since it is not rolled back with them.
+    """
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE SEQUENCE review_fault_count"))
+        await conn.execute(
+            text(
+                "CREATE FUNCTION review_fault() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF nextval('review_fault_count') <= {times} THEN "
+                f"RAISE EXCEPTION 'injected fault' USING ERRCODE = '{sqlstate}'; "
+                "END IF; RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER review_fault BEFORE INSERT ON audit_events "
+                "FOR EACH STATEMENT EXECUTE FUNCTION review_fault()"
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "expected"),
+    [
+        ("40001", AuditSerializationError),  # serialization_failure
+        ("40P01", AuditSerializationError),  # deadlock_detected
+        ("25P03", AuditTimeoutError),  # idle_in_transaction_session_timeout
+        ("25P04", AuditTimeoutError),  # transaction_timeout (PostgreSQL 17+)
+    ],
+)
+async def test_transient_server_errors_are_typed(
+    fresh_db: tuple[str, AsyncEngine], sqlstate: str, expected: type[AuditError]
+) -> None:
+    """README, Errors: serialization failures and deadlocks are transient, and so is a
+    transaction cut by a timeout.
+
+    Each SQLSTATE, raised by the server during a write, must reach the caller
+    as its typed error, a subclass of ``AuditUnavailableError`` that retries
+    act on.
+    """
+    _, engine = fresh_db
+    await _fail_inserts_once(engine, sqlstate)
+    async with AsyncSession(engine) as session:
+        with pytest.raises(expected) as caught:
+            await AuditRepository(session).record(**_accepted(uuid.uuid4()))  # type: ignore[arg-type]
+    assert isinstance(caught.value, AuditUnavailableError)
+    assert type(caught.value) is expected
+
+
+@pytest.mark.parametrize("fails_at", ["insert", "commit"])
+async def test_call_with_retries_repeats_a_transaction_that_lost_a_serialization_race(
+    fresh_db: tuple[str, AsyncEngine], fails_at: str
+) -> None:
+    """README, Retries: ``call_with_retries`` acts on transient errors.
+
+    Two SERIALIZABLE transactions read the same ticker's events and both
+    record one (write skew): PostgreSQL aborts the later one with a
+    serialization failure, at its INSERT or, when both wrote before the
+    first committed, at its own COMMIT (a raw SQLAlchemy error from the
+    caller's ``session.begin()``). The retry helper must run the unit of work
+    again either way, and its event ends up stored once.
+    """
+    _, engine = fresh_db
+    serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+    ticker_events = text("SELECT count(*) FROM audit_events WHERE ticker = 'ACME'")
+    mine = uuid.uuid4()
+    attempts = 0
+
+    async def unit_of_work() -> None:
+        nonlocal attempts
+        attempts += 1
+        async with AsyncSession(serializable) as session, session.begin():
+            await session.execute(ticker_events)
+            if fails_at == "commit":
+                await AuditRepository(session).record(**_accepted(uuid.uuid4()), event_id=mine)  # type: ignore[arg-type]
+            if attempts == 1:
+                # A concurrent transaction reads the same events and records one.
+                async with AsyncSession(serializable) as other, other.begin():
+                    await other.execute(ticker_events)
+                    await AuditRepository(other).record(**_accepted(uuid.uuid4()))  # type: ignore[arg-type]
+            if fails_at == "insert":
+                await AuditRepository(session).record(**_accepted(uuid.uuid4()), event_id=mine)  # type: ignore[arg-type]
+
+    await call_with_retries(
+        unit_of_work, policy=RetryPolicy(attempts=3, first_delay=0), action="serializable"
+    )
+    assert attempts == 2
+    assert await _present(engine, [mine]) == {mine}
+
+
+# ---------------------------------------------------------- CLI exit (#14)
+
+
+def test_cli_exit_codes_tell_an_outage_from_bad_input(
+    fresh_db: tuple[str, AsyncEngine], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README, Command line: a script must tell "try again later" from "fix the call".
+
+    Every command against a database that cannot be reached exits 3; bad
+    input exits 2, before any connection is tried.
+    """
+    url, _ = fresh_db
+    dead = unreachable_url(url)
+    for argv in (
+        ["trail", str(uuid.uuid4())],
+        ["export"],
+        ["verify"],
+        ["seal"],
+        ["digest"],
+        ["migrate"],
+        ["grant", "--reader", "someone"],
+    ):
+        assert cli.main(["--database-url", dead, *argv], out=io.StringIO()) == 3, argv
+        assert "audit-orm: error:" in capsys.readouterr().err
+    assert cli.main(["--database-url", dead, "trail", "not-a-uuid"], out=io.StringIO()) == 2
+
+
+# ---------------------------------------------- concurrent migrations (#8)
+
+
+async def _heads(engine: AsyncEngine) -> tuple[str, ...]:
+    async with engine.connect() as conn:
+        return await conn.run_sync(migrate.current_heads)
+
+
+async def test_concurrent_upgrades_in_one_process(admin_url: str) -> None:
+    """README, Migrations: ``audit_orm.migrate.upgrade(engine)`` migrates a database.
+
+    Three upgrades at once in one process, two of them of the same empty
+    database: Alembic keeps the running migration in module globals, so
+    interleaved runs used to trip over each other (a ``KeyError``, or two
+    runs of one database waiting for each other forever). Each must succeed, and both
+    databases end at head.
+    """
+    head = tuple(ScriptDirectory.from_config(migrate.alembic_config()).get_heads())
+    async with scratch_database(admin_url) as (_, one), scratch_database(admin_url) as (_, two):
+        # A guard, not a measure: interleaved runs of one database used to
+        # wait for each other forever.
+        async with asyncio.timeout(120):
+            await asyncio.gather(migrate.upgrade(one), migrate.upgrade(two), migrate.upgrade(one))
+        assert await _heads(one) == head
+        assert await _heads(two) == head
+
+
+async def test_two_migrate_commands_on_one_empty_database(admin_url: str) -> None:
+    """README, Command line: ``audit-orm migrate`` applies the migrations.
+
+    Two deployments start ``audit-orm migrate`` on the same empty database at
+    the same moment. Both are held at their first ``CREATE TABLE`` (the test
+    holds the schema's lock) and released together: without a lock between
+    them, one failed with a raw ``IntegrityError``. Both must exit 0, the
+    second finding nothing left to do.
+    """
+    head = tuple(ScriptDirectory.from_config(migrate.alembic_config()).get_heads())
+    async with scratch_database(admin_url) as (url, engine):
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        async with engine.connect() as blocker, engine.connect() as watcher:
+            # Dropping the schema in an open transaction takes its lock; every
+            # CREATE in it waits until the rollback puts the schema back.
+            await blocker.execute(text("DROP SCHEMA public"))
+            runs = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *("-m", "audit_orm", "--database-url", url, "migrate"),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                for _ in range(2)
+            ]
+            while await watcher.scalar(waiting) < 2 and all(r.returncode is None for r in runs):
+                await watcher.rollback()
+                await asyncio.sleep(0.05)
+            await blocker.rollback()
+        outputs = [await run.communicate() for run in runs]
+        for run, (_, err) in zip(runs, outputs, strict=True):
+            assert run.returncode == 0, err.decode()
+        assert await _heads(engine) == head
