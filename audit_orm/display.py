@@ -6,7 +6,8 @@ override makes a line read in another order than it is stored. Everything
 printed for a person goes through this module:
 
 * :func:`escape` renders stored text unambiguously: control characters (C0, DEL,
-  C1), bidirectional formatting characters, line and paragraph separators and
+  C1), bidirectional formatting characters, line and paragraph separators,
+  invisible characters (zero-width space and joiners, BOM, soft hyphen) and
   lone surrogates become ``\\xNN`` / ``\\uNNNN``, and a backslash becomes ``\\\\``,
   so an escaped character cannot be confused with text that merely looks like one;
 * :func:`escape_controls` does the same without doubling backslashes, for a
@@ -26,15 +27,21 @@ from datetime import UTC, datetime
 #: the isolates (U+2066-U+2069) and the marks (U+200E, U+200F, U+061C).
 BIDI_CHARACTERS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 
+#: Characters that show nothing: a soft hyphen, the zero-width space, non-joiner
+#: and joiner, the word joiner and invisible operators, the byte order mark. In
+#: a name they make two different names look the same.
+INVISIBLE_CHARACTERS = "\u00ad\u200b-\u200d\u2060-\u2064\ufeff"
+
 #: What an identifier-like value (an actor, a ticker, a label) may not hold:
-#: C0 and C1 control characters, DEL, bidirectional formatting characters, and
-#: the line and paragraph separators (U+2028, U+2029).
-UNSAFE_CHARACTERS = re.compile(f"[\x00-\x1f\x7f-\x9f{BIDI_CHARACTERS}\u2028\u2029]")
+#: C0 and C1 control characters, DEL, bidirectional formatting characters, the
+#: line and paragraph separators (U+2028, U+2029) and invisible characters.
+UNSAFE = f"\x00-\x1f\x7f-\x9f{BIDI_CHARACTERS}\u2028\u2029{INVISIBLE_CHARACTERS}"
+UNSAFE_CHARACTERS = re.compile(f"[{UNSAFE}]")
 
 #: What :func:`escape` rewrites: the unsafe characters, lone surrogates and the backslash.
-_ESCAPED = re.compile(f"[\x00-\x1f\x7f-\x9f{BIDI_CHARACTERS}\u2028\u2029\ud800-\udfff\\\\]")
+_ESCAPED = re.compile(f"[{UNSAFE}\ud800-\udfff\\\\]")
 #: The same without the backslash, for messages and JSON whose backslashes are escapes already.
-_ESCAPED_IN_MESSAGE = re.compile(f"[\x00-\x1f\x7f-\x9f{BIDI_CHARACTERS}\u2028\u2029\ud800-\udfff]")
+_ESCAPED_IN_MESSAGE = re.compile(f"[{UNSAFE}\ud800-\udfff]")
 
 _SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 

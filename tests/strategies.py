@@ -18,8 +18,9 @@ E = AuditEventType
 free_text = st.text(
     st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=40
 )
-#: Printable text for symbols and labels: no control characters.
-_printable = st.characters(exclude_categories=("Cs", "Cc"))
+#: Text for symbols and labels: no control, format (bidi, zero-width) or
+#: line-separator characters, which they refuse.
+_printable = st.characters(exclude_categories=("Cs", "Cc", "Cf", "Zl", "Zp"))
 labels = st.text(_printable, min_size=1, max_size=64)
 tickers = st.text(_printable, min_size=1, max_size=32)
 

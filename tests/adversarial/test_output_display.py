@@ -33,10 +33,12 @@ from audit_orm.cli import main
 from audit_orm.display import escape
 from audit_orm.timeline import render_timeline
 
-#: Anything a terminal acts on, or that reorders a line: C0 but the newline
-#: between lines, DEL, C1, bidirectional formatting, line separators.
+#: Anything a terminal acts on, or that reorders a line or hides: C0 but the
+#: newline between lines, DEL, C1, bidirectional formatting, line separators,
+#: zero-width characters.
 RAW = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]"
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029"
+    "\u200b-\u200d\ufeff]"
 )
 
 #: A rejection reason that, printed raw, moves up a line, erases it, rings the
@@ -44,7 +46,7 @@ RAW = re.compile(
 FORGERY = (
     "limit breached\x1b[1A\x1b[2K\r#41     2026-12-06 09:30:00.000000  order.filled"
     "               broker_service         ticker=ACME fill_quantity=1000\x07"
-    "\n#42 order.filled \u202edellif\u202c\x9b2J"
+    "\n#42 order.filled \u202edellif\u202c\x9b2J broker\u200b_service"
 )
 
 
@@ -128,15 +130,28 @@ def test_a_rendered_timeline_escapes_keys_values_and_actor() -> None:
 
 
 @pytest.mark.parametrize(
-    "actor", ["ops\x9b2J", "ops\x85", "\u202eops", "ops\u2066x\u2069", "ops\u200f", "a\u2028b"]
+    "actor",
+    [
+        "ops\x9b2J",
+        "ops\x85",
+        "\u202eops",
+        "ops\u2066x\u2069",
+        "ops\u200f",
+        "a\u2028b",
+        "risk_engine\u200b",
+        "\ufeffrisk_engine",
+        "risk\u00adengine",
+    ],
 )
 async def test_actor_refuses_c1_and_bidi_as_tickers_do(
     engine: AsyncEngine, session: AsyncSession, actor: str
 ) -> None:
     """README "Errors": bad input is an ``InvalidInputError`` naming the field, nothing written.
 
-    An actor is printed on every trail line; C1 controls (CSI, NEL) and bidi
-    overrides, isolates and marks are refused there as in tickers.
+    An actor is printed on every trail line; C1 controls (CSI, NEL), bidi
+    overrides, isolates and marks, and invisible characters (which make a name
+    look like another: ``risk_engine`` with a zero-width space) are refused
+    there as in tickers.
     """
     repo = AuditRepository(session)
     before = await session.scalar(select(func.count()).select_from(AuditEvent))
@@ -149,9 +164,9 @@ async def test_actor_refuses_c1_and_bidi_as_tickers_do(
     assert await session.scalar(select(func.count()).select_from(AuditEvent)) == before
 
 
-@pytest.mark.parametrize("ticker", ["\u202eLPAA", "AA\u2066PL", "AAPL\u200e"])
+@pytest.mark.parametrize("ticker", ["\u202eLPAA", "AA\u2066PL", "AAPL\u200e", "AAPL\u200d"])
 async def test_ticker_refuses_bidi(session: AsyncSession, ticker: str) -> None:
-    """Tickers refuse control characters; a bidi override is refused the same way."""
+    """Tickers refuse control characters; bidi and invisible characters are refused the same way."""
     repo = AuditRepository(session)
     with pytest.raises(InvalidPayloadError) as caught:
         await repo.order_accepted(uuid.uuid4(), ticker, "b-1")
