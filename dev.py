@@ -14,6 +14,7 @@ one module of ``audit_orm`` with the tests that cover it; see tests/MUTATION.md.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -79,6 +80,13 @@ def mutate(argv: list[str]) -> int:
         metavar="REGEX",
         help="do not mutate source lines matching any of these regular expressions",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="mutate only these functions (NAME or Class.method)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel mutants")
     args = parser.parse_args(argv)
     module = Path(args.module).stem
@@ -99,19 +107,34 @@ def mutate(argv: list[str]) -> int:
     config += (
         "\n[tool.mutmut]\n"
         'source_paths = ["audit_orm/"]\n'
+        # The tests that use a database migrate it with the scripts in alembic/.
+        'also_copy = ["alembic/", "alembic.ini"]\n'
         f'only_mutate = ["audit_orm/{module}.py"]\n'
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
         f"do_not_mutate_patterns = {_toml_list(args.exclude)}\n"
     )
     (work / "pyproject.toml").write_text(config, encoding="utf-8")
     mutmut = str(BIN / "mutmut")
-    code = subprocess.call([mutmut, "run", "--max-children", str(args.jobs)], cwd=work)
+    # mutmut names a mutant after its function: x_NAME, or xǁClassǁmethod for a method.
+    patterns = [
+        f"audit_orm.{module}.x"
+        + ("ǁ" + name.replace(".", "ǁ") if "." in name else "_" + name)
+        + "__mutmut_*"
+        for name in args.only
+    ]
+    code = subprocess.call([mutmut, "run", "--max-children", str(args.jobs), *patterns], cwd=work)
     if code != 0:
         return code
     listing = subprocess.run(
         [mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True, check=True
     ).stdout
     verdicts = dict(re.findall(r"^\s*(\S+): (.+?)\s*$", listing, re.MULTILINE))
+    if patterns:
+        verdicts = {
+            name: verdict
+            for name, verdict in verdicts.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        }
     counts: dict[str, int] = {}
     for verdict in verdicts.values():
         counts[verdict] = counts.get(verdict, 0) + 1

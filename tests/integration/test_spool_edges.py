@@ -377,3 +377,148 @@ async def test_a_void_that_cannot_be_written_is_logged_with_the_event_ids(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("could not void" in m and str(record.id) in m for m in messages), messages
     assert read_spool(tmp_path / "moved.spool").voids == set()
+
+
+# ------------------------------------------------------- how replay sorts the lines
+
+
+def _fill_with_id(event_id: uuid.UUID, broker_order_id: str = "B-1") -> PreparedEvent:
+    return prepare_event(
+        "order.filled",
+        "order",
+        uuid.UUID(int=event_id.int ^ 1),
+        {"ticker": "AAPL", "side": "buy", "fill_quantity": 1, "broker_order_id": broker_order_id},
+        event_id=event_id,
+    )
+
+
+LOW = uuid.UUID("00000000-0000-4000-8000-000000000001")
+HIGH = uuid.UUID("ffffffff-ffff-4fff-bfff-ffffffffff01")
+
+
+async def test_each_voided_event_is_counted_and_replay_goes_on(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """Two rolled-back events are skipped and counted; the committed one after them is written."""
+    _, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+    gone = [_fill(f"gone-{i}") for i in range(2)]
+    for event in gone:
+        spool.append_events([event], "x", attempt=f"attempt-{event.id}")
+        spool.append_voids([event.id], "rolled back", attempt=f"attempt-{event.id}")
+    kept = _fill("kept")
+    spool.append_events([kept], "x")
+    report = await replay_spool(spool.path, engine)
+    assert (report.written, report.voided, report.duplicates) == (1, 2, 0)
+    assert report.rejected == [] and report.conflicts == []
+    counts = await event_counts(engine, [kept.id, *(event.id for event in gone)])
+    assert counts == {kept.id: 1, gone[0].id: 0, gone[1].id: 0}
+
+
+async def test_a_void_cancels_its_own_attempt_and_a_bare_void_cancels_all(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """A retried unit of work: attempt 1 rolled back (voided), attempt 2 committed.
+
+    The void names attempt 1, so attempt 2 is written: no duplicate, no void
+    left over, no problem reported. A void naming no attempt (the first spool
+    format's) cancels every attempt of its event, and is not reported either.
+    """
+    _, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+    retried = _fill_with_id(LOW)
+    spool.append_events([retried], "x", attempt="first")
+    spool.append_voids([retried.id], "rolled back", attempt="first")
+    spool.append_events([retried], "x", attempt="second")
+    cancelled = _fill_with_id(HIGH)
+    spool.append_events([cancelled], "x", attempt="one")
+    spool.append_events([cancelled], "x", attempt="two")
+    spool.append_voids([cancelled.id], "rolled back")
+    report = await replay_spool(spool.path, engine)
+    assert (report.written, report.voided, report.duplicates) == (1, 1, 0)
+    assert report.rejected == [] and report.conflicts == []
+    assert await event_counts(engine, [LOW, HIGH]) == {LOW: 1, HIGH: 0}
+
+
+async def test_voids_for_events_not_in_the_spool_are_reported_each(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """Voids with no event line (by attempt, or bare) are each reported, after a matched one.
+
+    They mean an event was replayed before its transaction rolled back: the
+    stored event must be checked by hand, so each one is named.
+    """
+    _, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+    matched = _fill_with_id(LOW)
+    spool.append_events([matched], "x", attempt="a")
+    spool.append_voids([matched.id], "rolled back", attempt="a")
+    spool.append_voids([HIGH], "rolled back", attempt="b")
+    spool.append_voids([HIGH], "rolled back")
+    report = await replay_spool(spool.path, engine)
+    assert (report.written, report.voided) == (0, 1)
+    assert len(report.rejected) == 2
+    for problem in report.rejected:
+        assert problem.line == 0
+        assert problem.raw == ""
+        assert problem.event_id == str(HIGH)
+        assert problem.reason == (
+            "void for an event that is not in this spool (replayed before its transaction "
+            "rolled back?); check the stored event"
+        )
+
+
+async def test_lines_of_one_event_conflicts_duplicates_and_bad_lines(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """Of one event id's lines: a bad line is reported and the next one used; the first good
+    line is written, equal ones are duplicates, a different one is a conflict naming the
+    line that was written; the events after it are written too."""
+    _, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+    event = _fill_with_id(LOW, "original")
+    other = _fill_with_id(LOW, "other")
+    after = _fill("after")
+    spool.append_events([event], "x")  # line 1: made invalid below
+    spool.append_events([event], "x")  # line 2: written
+    spool.append_events([other], "x")  # line 3: conflict
+    spool.append_events([event], "x")  # line 4: duplicate
+    spool.append_events([event], "x")  # line 5: duplicate
+    spool.append_events([after], "x")  # line 6: written
+    lines = _lines(spool.path)
+    lines[0]["event"]["data"]["fill_quantity"] = "NaN"  # type: ignore[index]
+    spool.path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    report = await replay_spool(spool.path, engine)
+    assert (report.written, report.duplicates) == (2, 2)
+    (bad,) = report.rejected
+    assert bad.line == 1 and bad.reason.startswith("invalid event: ")
+    (conflict,) = report.conflicts
+    assert conflict.line == 3
+    assert conflict.event_id == str(LOW)
+    assert conflict.reason == (
+        f"conflict: event_id {LOW} is used by a different event at line 2; "
+        "that one is replayed, this one is not"
+    )
+    assert await event_counts(engine, [LOW, after.id]) == {LOW: 1, after.id: 1}
+
+
+async def test_events_are_written_in_the_order_of_the_lines_written(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """seq follows the spool's line order of the lines replayed, not the order ids first appeared.
+
+    The high id's only line (2) comes before the low id's live line (4), whose
+    first attempt (line 1) was voided; so the high id is written first.
+    """
+    _, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+    early, late = _fill_with_id(LOW, "late"), _fill_with_id(HIGH, "early")
+    spool.append_events([early], "x", attempt="first")  # line 1
+    spool.append_events([late], "x")  # line 2
+    spool.append_voids([early.id], "rolled back", attempt="first")  # line 3
+    spool.append_events([early], "x", attempt="second")  # line 4
+    report = await replay_spool(spool.path, engine)
+    assert report.written == 2
+    async with engine.connect() as conn:
+        order = (await conn.execute(text("SELECT id FROM audit_events ORDER BY seq"))).scalars()
+        assert list(order) == [HIGH, LOW]
