@@ -19,6 +19,8 @@ Guarantees:
 * an event the database refuses (a constraint, a value the driver cannot
   send) fails its caller alone: the group is split and its other events are
   written (see :meth:`AuditWriter._write`);
+* a group the server aborts for a concurrent transaction (serialization
+  failure, deadlock) is run again, up to :data:`CONFLICT_ATTEMPTS` times;
 * a group that fails for a reason that is not one event's (the connection
   broke, a timeout, a missing table or privilege) raises to every caller in
   it: nothing is dropped silently. When the connection breaks during a
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -56,6 +59,7 @@ from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     DB_ERRORS,
     AuditError,
+    AuditSerializationError,
     AuditStorageError,
     AuditUnavailableError,
     EventIdConflictError,
@@ -73,6 +77,8 @@ from audit_orm.repository import (
     prepare_event,
 )
 
+#: Tries of a group the server aborts for a concurrent transaction.
+CONFLICT_ATTEMPTS = 5
 #: Default largest group written and committed at once.
 DEFAULT_MAX_BATCH = 1_000
 #: Default bound of the queue; ``record`` waits while it is full.
@@ -91,6 +97,8 @@ class WriterStats:
     batches: int = 0
     #: Groups that failed and raised to all their callers.
     failed_batches: int = 0
+    #: Groups (or parts of one) run again after a serialization failure or deadlock.
+    conflict_retries: int = 0
     #: Groups split because the database refused one of their events.
     split_batches: int = 0
     #: Events the database refused, each failing its own caller only.
@@ -506,7 +514,7 @@ class AuditWriter:
         while todo:
             start, end = todo.popleft()
             try:
-                written = await bulk.insert_many(conn, events[start:end])
+                written = await self._insert_retrying(conn, events[start:end])
             except Exception as exc:
                 if not _blames_one_event(exc):
                     if end - start == len(events):
@@ -532,6 +540,29 @@ class AuditWriter:
                 outcome = lost
             done.append(outcome)
         return done, lost
+
+    async def _insert_retrying(
+        self, conn: AsyncConnection, events: Sequence[PreparedEvent]
+    ) -> list[bulk.Outcome]:
+        """:func:`bulk.insert_many`, run again when the server aborts it for a concurrent
+        transaction (serialization failure, deadlock).
+
+        Each statement commits on its own, so the aborted one wrote nothing and
+        what an earlier one wrote is found again by id: running the group again
+        is safe, and under ``SERIALIZABLE`` defaults it is what such a failure
+        asks for. After :data:`CONFLICT_ATTEMPTS` tries the error reaches the
+        callers, still an :class:`AuditSerializationError` they may retry.
+        """
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return await bulk.insert_many(conn, events)
+            except AuditSerializationError:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                self.stats.conflict_retries += 1
+                # A short, random pause, so two deadlocked writers do not meet again.
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _connect(self) -> AsyncConnection:
         if self._conn is None:

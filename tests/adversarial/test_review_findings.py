@@ -447,3 +447,36 @@ async def test_two_migrate_commands_on_one_empty_database(admin_url: str) -> Non
         for run, (_, err) in zip(runs, outputs, strict=True):
             assert run.returncode == 0, err.decode()
         assert await _heads(engine) == head
+
+
+async def test_writer_retries_a_group_aborted_by_a_serialization_failure(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """Writer: "an await that returns means the event is committed"; a transient conflict
+    must not fail a whole group for good.
+
+    The server aborts the group's INSERT twice with a serialization failure
+    (as it may under ``default_transaction_isolation = serializable``). Each
+    statement of the writer is a transaction of its own, so nothing was
+    written: the writer runs the group again, and every caller gets its
+    record, each event stored once. When the conflict does not clear, the
+    callers get ``AuditSerializationError``, which ``call_with_retries`` acts on.
+    """
+    _, engine = fresh_db
+    await _fail_inserts_once(engine, "40001", times=2)
+    ids = [uuid.uuid4() for _ in range(5)]
+    async with AuditWriter(engine, max_delay=0.05) as writer:
+        records = await asyncio.gather(
+            *(writer.record(**_accepted(uuid.uuid4()), event_id=i) for i in ids)  # type: ignore[arg-type]
+        )
+        assert writer.stats.failed_batches == 0
+    assert [record.id for record in records] == ids
+    assert await _present(engine, ids) == set(ids)
+
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("ALTER SEQUENCE review_fault_count MINVALUE -1000000 RESTART WITH -1000000")
+        )
+    async with AuditWriter(engine) as writer:
+        with pytest.raises(AuditSerializationError):
+            await writer.record(**_accepted(uuid.uuid4()))  # type: ignore[arg-type]
