@@ -100,6 +100,11 @@ def _utc_representable(value: datetime) -> datetime:
 def _finite_float(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
+    if value == 0:
+        # PostgreSQL has no negative zero (-0.0 reads back as 0.0): store what
+        # it will read back, as for amounts, so the record returned and the row
+        # read back say the same.
+        return 0.0
     return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from audit_orm import (
     grant,
     migrate,
 )
+from audit_orm.jsonb import dumps_exact
 from audit_orm.repository import prepare_event
 from audit_orm.retry import RetryPolicy, call_with_retries
 from tests.dbutil import scratch_database
@@ -480,3 +482,37 @@ async def test_writer_retries_a_group_aborted_by_a_serialization_failure(
     async with AuditWriter(engine) as writer:
         with pytest.raises(AuditSerializationError):
             await writer.record(**_accepted(uuid.uuid4()))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------ negative zero (property flake)
+
+
+async def test_negative_zero_score_is_stored_and_returned_as_zero(
+    repo: AuditRepository,
+) -> None:
+    """README, Exactness: "PostgreSQL ... has no negative zero, so payloads store -0.00 as
+    0.00" -- for scores (floats) as for amounts.
+
+    A confidence of ``-0.0`` used to be kept as ``-0.0`` in the returned
+    record while the row read back ``0.0``: the same event said two things,
+    which the database property test tripped over now and then. The record
+    returned, the row read back and its JSON must all say ``0.0``.
+    """
+    data = {
+        "ticker": "ACME",
+        "action": "buy",
+        "mode": "paper",
+        "confidence": -0.0,
+        "evidence_count": 1,
+        "suppressed": False,
+    }
+    written = await repo.record("recommendation.generated", "recommendation", uuid.uuid4(), data)
+    stored = await repo.get(written.id)
+    assert stored is not None
+    for record in (written, stored):
+        confidence = record.payload.confidence  # type: ignore[attr-defined]
+        assert math.copysign(1.0, confidence) == 1.0
+    assert {k: str(v) for k, v in written.data.items()} == {
+        k: str(v) for k, v in stored.data.items()
+    }
+    assert '"confidence":0.0' in dumps_exact(written.data)

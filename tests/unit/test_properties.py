@@ -27,7 +27,9 @@ def test_any_valid_payload_round_trips_through_exact_json(
     assert dumps_exact(payload_to_data(again)) == text
     for key, value in data.items():
         if isinstance(value, Decimal):  # every digit and the scale, as given
-            assert str(Decimal(back[key])) == str(value)
+            # ... but a negative zero becomes the zero PostgreSQL reads back.
+            given = value.copy_abs() if value.is_zero() else value
+            assert str(Decimal(back[key])) == str(given)
         elif isinstance(value, str):
             assert back[key] == value
 
@@ -37,7 +39,12 @@ def test_any_valid_payload_round_trips_through_exact_json(
 def test_decimals_keep_every_digit_and_their_scale(value: Decimal) -> None:
     back = loads_exact(dumps_exact({"x": value}))["x"]
     assert back == value
-    assert str(Decimal(back)) == str(value)
+    if value.is_zero():
+        # JSON reads "-0" as the integer 0; the sign of a zero is the payload
+        # validators' business (they drop it, as PostgreSQL stores none).
+        assert str(Decimal(back)).lstrip("-") == str(value).lstrip("-")
+    else:
+        assert str(Decimal(back)) == str(value)
 
 
 @settings(max_examples=300, deadline=None)
