@@ -35,18 +35,22 @@ from audit_orm.repository import AuditRepository, EventSpec
 from audit_orm.retry import RetryPolicy
 from audit_orm.sealing import (
     Digest,
-    Problem,
-    ProblemKind,
     Progress,
     SealInfo,
     SealResult,
     SealStatus,
-    VerifyReport,
     digest,
     seal,
-    verify,
 )
 from audit_orm.spool import ReplayReport, Spool, SpooledRecord, replay_spool
+from audit_orm.verifying import (
+    Notice,
+    NoticeKind,
+    Problem,
+    ProblemKind,
+    VerifyReport,
+    verify,
+)
 from audit_orm.writer import AuditWriter
 
 __version__ = "0.2.0"
@@ -79,6 +83,8 @@ __all__ = [
     "InvalidInputError",
     "InvalidPayloadError",
     "MigrationConflictError",
+    "Notice",
+    "NoticeKind",
     "Problem",
     "ProblemKind",
     "Progress",

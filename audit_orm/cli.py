@@ -23,7 +23,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm import grants, migrate, sealing
+from audit_orm import grants, migrate, sealing, verifying
 from audit_orm.database import create_engine, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.display import escape_controls, escape_json
@@ -132,12 +132,15 @@ def _seal_range(seals: Sequence[sealing.SealInfo]) -> str:
 
 async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Seal every committed row that can no longer change."""
+    block_size, max_wait = sealing.check_seal_options(
+        args.block_size, args.max_wait, block_size_name="--block-size", max_wait_name="--max-wait"
+    )
     bar = _progress_bar()
     try:
         result = await sealing.seal(
             engine,
-            block_size=args.block_size,
-            max_wait=args.max_wait,
+            block_size=block_size,
+            max_wait=max_wait,
             progress=None if bar is None else _feed(bar),
         )
     finally:
@@ -152,8 +155,6 @@ async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -
         )
     elif result.status is status.UP_TO_DATE:
         print("up to date: every closed row is sealed", file=out)
-    elif result.status is status.BUSY:
-        print("another sealer is running; nothing done", file=out)
     else:
         pid = "" if result.blocking_pid is None else f" (pid {result.blocking_pid})"
         print(
@@ -169,11 +170,13 @@ async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     """Recompute every hash, block root and seal link; name what does not hold."""
     bar = _progress_bar()
     try:
-        report = await sealing.verify(
+        report = await verifying.verify(
             engine,
             digest=args.digest,
             progress=None if bar is None else _feed(bar),
             max_problems=args.max_problems,
+            clock_tolerance=args.clock_tolerance,
+            schema=args.schema,
         )
     finally:
         if bar is not None:
@@ -185,10 +188,17 @@ async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
     if report.ok:
         vouched = " digest matched;" if report.digest_matched else ""
         print(f"ok:{vouched} {summary}", file=out)
+        for notice in report.notices:
+            print(escape_controls(f"  notice: {notice}"), file=out)
         return 0
-    print(f"FAILED: {report.problem_count} problems; {summary}", file=out)
+    vouched = " digest NOT matched;" if report.digest_matched is False else ""
+    if report.digest_matched:
+        vouched = " digest matched (the problems lie after its seal);"
+    print(f"FAILED: {report.problem_count} problems;{vouched} {summary}", file=out)
     for problem in report.problems:
         print(escape_controls(f"  {problem}"), file=out)
+    for notice in report.notices:
+        print(escape_controls(f"  notice: {notice}"), file=out)
     if report.problem_count > len(report.problems):
         print(f"  ... and {report.problem_count - len(report.problems)} more", file=out)
     return 1
@@ -428,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait",
         type=float,
         default=sealing.DEFAULT_MAX_WAIT,
-        help="seconds to wait for running writers (default: %(default)s)",
+        help="seconds to wait for another sealer and for running writers (default: %(default)s)",
     )
     p.set_defaults(handler=cmd_seal)
 
@@ -437,8 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-problems",
         type=int,
-        default=sealing.DEFAULT_MAX_PROBLEMS,
+        default=verifying.DEFAULT_MAX_PROBLEMS,
         help="problems to list (all are counted; default: %(default)s)",
+    )
+    p.add_argument(
+        "--clock-tolerance",
+        type=float,
+        default=verifying.DEFAULT_CLOCK_TOLERANCE,
+        metavar="SECONDS",
+        help="rows dated at most this much before a preceding seal are a clock step, not "
+        "back-dated (default: %(default)s)",
+    )
+    p.add_argument(
+        "--schema",
+        help="the schema of the audit tables (default: the one schema holding them)",
     )
     p.set_defaults(handler=cmd_verify)
 
@@ -493,6 +515,8 @@ OPTION_NAMES = {
     "block_size": "--block-size",
     "max_wait": "--max-wait",
     "max_problems": "--max-problems",
+    "clock_tolerance": "--clock-tolerance",
+    "schema": "--schema",
     "digest": "--digest",
     "writer": "--writer",
     "reader": "--reader",

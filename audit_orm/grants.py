@@ -8,8 +8,11 @@ owner; :func:`grant_statements` gives the same SQL to review or apply by hand.
 
 Writers need no privilege on the ``seq`` sequence: an identity column draws its
 number under the table's INSERT privilege. The sealer reads the sequence's last
-value, so it gets SELECT on it. Roles also need USAGE on the tables' schema when
-that is not ``public``.
+value, so it gets SELECT on it, and UPDATE on ``audit_seals`` only because
+PostgreSQL requires it for the lock sealers take turns on (``LOCK TABLE ... IN
+SHARE ROW EXCLUSIVE MODE``): the append-only trigger refuses every UPDATE, and
+roles without it cannot hold sealing up. Roles also need USAGE on the tables'
+schema when that is not ``public``.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ _JOBS: dict[str, dict[str, tuple[str, ...]]] = {
     "reader": {"audit_events": ("SELECT",), "audit_seals": ("SELECT",)},
     "sealer": {
         "audit_events": ("SELECT",),
-        "audit_seals": ("SELECT", "INSERT"),
+        # UPDATE only to take the seal lock (see the module notes).
+        "audit_seals": ("SELECT", "INSERT", "UPDATE"),
         "sequence": ("SELECT",),
     },
 }
-_ORDER = ("SELECT", "INSERT")
+_ORDER = ("SELECT", "INSERT", "UPDATE")
 
 
 def _union(jobs: list[str]) -> dict[str, list[str]]:

@@ -1,13 +1,12 @@
-"""Seal the audit trail into a hash chain, and verify it.
+"""Seal the audit trail into a hash chain.
 
 Every row carries a hash the database computed at insert (see
 :mod:`audit_orm.hashing`). :func:`seal` closes blocks of committed rows: each
 seal covers a contiguous range of ``seq`` numbers and records the range, the
 numbers in it that hold no row (gaps), a Merkle root over the rows' hashes, the
-previous seal's hash and its own. :func:`verify` recomputes all of it and names
-the first thing that does not hold. :func:`digest` gives the latest seal's hash
-for keeping outside the database; ``verify(digest=...)`` then proves nothing
-sealed up to it has changed, even by someone able to rewrite the whole chain.
+previous seal's hash and its own. :func:`digest` gives the latest seal's hash
+for keeping outside the database; :func:`audit_orm.verifying.verify` recomputes
+all of it.
 
 Why a range can be sealed without a global write lock
 ------------------------------------------------------
@@ -32,55 +31,51 @@ Sealing waits only for transactions that were already running (normally
 milliseconds). A transaction left open holds sealing back, never writing;
 :func:`seal` then returns :attr:`SealStatus.WAITING` naming it.
 
-Concurrent sealers take a transaction-scoped advisory lock: one proceeds, the
-others return :attr:`SealStatus.BUSY` at once. The seal number is also the
-table's primary key, so two chains can never fork.
-
-Why verification recomputes hashes in Python
---------------------------------------------
-A superuser can replace the SQL function that hashes rows, or the trigger that
-calls it, and then rewrite history whose stored hashes agree with that
-function. :func:`verify` therefore never calls database-resident code to hash: it
-reads the stored values (through PostgreSQL's built-in output functions only)
-and recomputes every row hash, every Merkle root and every seal hash in Python,
-an implementation of the encoding that lives on the verifier's side. A test
-checks both implementations agree on varied rows.
+Concurrent sealers serialize on ``LOCK TABLE audit_seals IN SHARE ROW
+EXCLUSIVE MODE``. PostgreSQL grants that mode only to a role with UPDATE,
+DELETE or TRUNCATE on the table (or its owner): the sealer role gets UPDATE for
+exactly this, and the append-only trigger refuses every UPDATE anyway. Readers
+and writers cannot hold it, unlike an advisory lock, which any role that can
+connect may take. A sealer waits for the lock within ``max_wait`` and fails
+with :class:`~audit_orm.SealingError` naming the holder when kept out longer.
+The seal number is also the table's primary key, so two chains can never fork.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from hashlib import sha256
 from typing import Any
-from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm.errors import InvalidInputError, SealingError, translate_db_error
-from audit_orm.hashing import HASH_LENGTH, encode_row_raw, merkle_root, micros, seal_hash
+from audit_orm.errors import (
+    AuditStorageError,
+    InvalidInputError,
+    SealingError,
+    translate_db_error,
+)
+from audit_orm.hashing import HASH_LENGTH, merkle_root, micros, seal_hash
 
-#: The advisory lock that lets one sealer proceed at a time (per database).
-SEAL_LOCK_KEY = 0x61756469745F7365  # "audit_se"
 #: Default number of rows per seal.
 DEFAULT_BLOCK_SIZE = 10_000
-#: Default seconds :func:`seal` waits for running writers to end.
+#: Default seconds :func:`seal` waits, for another sealer and for running writers.
 DEFAULT_MAX_WAIT = 30.0
-#: Default cap on the problems :func:`verify` keeps (it counts them all).
-DEFAULT_MAX_PROBLEMS = 100
-
-_MAX_BLOCK_SIZE = 1_000_000
-_VERIFY_BATCH = 5_000
-_V1 = b"\x01"
+#: The largest ``block_size`` :func:`seal` accepts.
+MAX_BLOCK_SIZE = 1_000_000
+#: The longest ``max_wait`` :func:`seal` accepts (a day).
+MAX_WAIT_LIMIT = 86_400.0
+#: The largest seal number (``bigint``).
+_MAX_SEAL_NO = 2**63 - 1
 
 
 # ---------------------------------------------------------------- result types
@@ -119,18 +114,45 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        """Read a digest printed by :func:`digest` (``N:HEX`` or ``HEX``)."""
+        """Read a digest printed by :func:`digest` (``N:HEX`` or ``HEX``).
+
+        Only ASCII digits and hex digits are accepted (``int`` would read other
+        scripts' digits too), with optional surrounding spaces.
+
+        :raises InvalidInputError: anything else, naming ``digest``.
+        """
         if not isinstance(text, str):
             raise InvalidInputError("digest", text, "must be a string like 12:01ab...")
-        match = re.fullmatch(r"\s*(?:(\d{1,19}):)?([0-9a-fA-F]+)\s*", text)
+        match = re.fullmatch(r"[ \t\r\n]*(?:([0-9]{1,19}):)?([0-9a-fA-F]+)[ \t\r\n]*", text)
         if match is None or len(match.group(2)) != 2 * HASH_LENGTH:
             raise InvalidInputError(
                 "digest",
                 text,
                 f"must be SEAL_NO:HEX or HEX, with {2 * HASH_LENGTH} hex digits",
             )
-        number = match.group(1)
-        return cls(bytes.fromhex(match.group(2)), None if number is None else int(number))
+        number = None if match.group(1) is None else int(match.group(1))
+        if number is not None and not 1 <= number <= _MAX_SEAL_NO:
+            raise InvalidInputError("digest", text, "the seal number must be 1 to 2**63-1")
+        return cls(bytes.fromhex(match.group(2)), number)
+
+    def check(self) -> Digest:
+        """This digest, after checking its fields (it may have been built directly).
+
+        :raises InvalidInputError: a hash of the wrong length or type, or a seal
+            number out of range.
+        """
+        if not isinstance(self.seal_hash, bytes) or len(self.seal_hash) != HASH_LENGTH:
+            raise InvalidInputError(
+                "digest", self.seal_hash, f"the seal hash must be {HASH_LENGTH} bytes"
+            )
+        number = self.seal_no
+        if number is not None and (
+            isinstance(number, bool)
+            or not isinstance(number, int)
+            or not 1 <= number <= _MAX_SEAL_NO
+        ):
+            raise InvalidInputError("digest", number, "the seal number must be 1 to 2**63-1")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +200,9 @@ class SealStatus(StrEnum):
     SEALED = "sealed"
     #: Every closed row is sealed already.
     UP_TO_DATE = "up_to_date"
-    #: Another sealer holds the lock; this call did nothing.
+    #: Kept for compatibility, never returned: a sealer now waits for another
+    #: one, and raises :class:`~audit_orm.SealingError` if kept out longer than
+    #: its ``max_wait``.
     BUSY = "busy"
     #: A transaction that was running is still open; nothing could be closed in time.
     WAITING = "waiting"
@@ -206,76 +230,6 @@ class SealResult:
     def events_per_second(self) -> float:
         """Sealing throughput of this call."""
         return self.rows_sealed / self.elapsed if self.elapsed > 0 else 0.0
-
-
-class ProblemKind(StrEnum):
-    """The kinds of things :func:`verify` finds."""
-
-    #: A row's content no longer matches its stored hash (or its txid is impossible).
-    CHANGED_ROW = "changed_row"
-    #: A sealed row is missing.
-    DELETED_ROW = "deleted_row"
-    #: A row sits in a sealed range that the seal does not hold.
-    INSERTED_ROW = "inserted_row"
-    #: A row was recorded before a seal that precedes it in ``seq`` order was cut.
-    BACKDATED_ROW = "backdated_row"
-    #: A block's rows no longer give its Merkle root (a row changed together with its
-    #: stored hash, or the root rewritten).
-    BLOCK_MISMATCH = "block_mismatch"
-    #: A seal's stored hash does not match its content.
-    REWRITTEN_SEAL = "rewritten_seal"
-    #: Seals do not link up: a previous-hash, number or range does not follow.
-    BROKEN_CHAIN = "broken_chain"
-    #: A seal is missing from the chain.
-    REMOVED_SEAL = "removed_seal"
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing that does not hold, located as precisely as the evidence allows."""
-
-    kind: ProblemKind
-    message: str
-    seal_no: int | None = None
-    seq: int | None = None
-    event_id: UUID | None = None
-
-    def __str__(self) -> str:
-        return f"{self.kind.value}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """The outcome of :func:`verify`."""
-
-    #: What does not hold, earliest in the trail first (at most ``max_problems``).
-    problems: tuple[Problem, ...]
-    #: How many problems were found in all (may exceed ``len(problems)``).
-    problem_count: int
-    rows_checked: int
-    seals_checked: int
-    #: Rows after the last seal (their hashes are checked, their presence cannot be).
-    unsealed_rows: int
-    #: The latest seal (``None`` if there is none).
-    head: SealInfo | None
-    #: Whether a digest was given and found in the chain.
-    digest_matched: bool | None
-    elapsed: float
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing was found."""
-        return self.problem_count == 0
-
-    @property
-    def first_problem(self) -> Problem | None:
-        """The earliest problem in the trail, or ``None``."""
-        return self.problems[0] if self.problems else None
-
-    @property
-    def events_per_second(self) -> float:
-        """Verification throughput of this call."""
-        return self.rows_checked / self.elapsed if self.elapsed > 0 else 0.0
 
 
 # --------------------------------------------------------------------- helpers
@@ -359,6 +313,38 @@ def _gaps_between(seqs: Sequence[int], first: int, last: int) -> list[tuple[int,
 # ------------------------------------------------------------------------ seal
 
 
+def check_seal_options(
+    block_size: object,
+    max_wait: object,
+    *,
+    block_size_name: str = "block_size",
+    max_wait_name: str = "max_wait",
+) -> tuple[int, float]:
+    """``(block_size, max_wait)`` as :func:`seal` takes them, after checking both.
+
+    The names are those the caller knows the options by (the command line
+    passes ``--block-size`` and ``--max-wait``).
+
+    :raises InvalidInputError: a block size that is not an integer from 1 to
+        :data:`MAX_BLOCK_SIZE`, or a wait that is not a finite number of seconds
+        from 0 to :data:`MAX_WAIT_LIMIT` (NaN, infinity and negatives included).
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise InvalidInputError(block_size_name, block_size, "must be an integer")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise InvalidInputError(block_size_name, block_size, f"must be 1 to {MAX_BLOCK_SIZE}")
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)):
+        raise InvalidInputError(max_wait_name, max_wait, "must be a number of seconds")
+    wait = float(max_wait)
+    if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_LIMIT):
+        raise InvalidInputError(
+            max_wait_name,
+            max_wait,
+            f"must be a finite number of seconds from 0 to {MAX_WAIT_LIMIT:g}",
+        )
+    return block_size, wait
+
+
 async def seal(
     engine: AsyncEngine,
     *,
@@ -369,28 +355,65 @@ async def seal(
     """Seal every row that can no longer change, in blocks of ``block_size`` rows.
 
     Idempotent: with nothing new it returns :attr:`SealStatus.UP_TO_DATE`. Safe
-    to run from several processes: one proceeds, the others return
-    :attr:`SealStatus.BUSY`. It waits up to ``max_wait`` seconds for writers
-    that were running when it started; if one is still open it returns
+    to run from several processes: they take turns on the seal lock, and the
+    later ones find less (or nothing) left to seal. ``max_wait`` bounds the whole
+    wait, for the lock and then for writers that were running when the range
+    was cut; if such a writer is still open it returns
     :attr:`SealStatus.WAITING` and seals nothing.
 
-    :raises SealingError: the sequence caches values, or a row in the range
-        carries a number the sequence did not hand out in order.
+    :raises SealingError: the seal lock was held by another session for longer
+        than ``max_wait`` (the error names it), the role may not take the seal
+        lock, the sequence caches values, or a row in the range carries a
+        number the sequence did not hand out in order.
     :raises InvalidInputError: a bad argument.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise InvalidInputError("block_size", block_size, "must be an integer")
-    if not 1 <= block_size <= _MAX_BLOCK_SIZE:
-        raise InvalidInputError("block_size", block_size, f"must be 1 to {_MAX_BLOCK_SIZE}")
-    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or max_wait < 0:
-        raise InvalidInputError("max_wait", max_wait, "must be a number of seconds >= 0")
+    block_size, wait = check_seal_options(block_size, max_wait)
     started = time.monotonic()
     # READ COMMITTED whatever the server default: every statement must see a
     # fresh snapshot, the closure proof depends on it.
     async with _driver(engine, "sealing") as conn, conn.transaction(isolation="read_committed"):
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SEAL_LOCK_KEY):
-            return SealResult(SealStatus.BUSY, (), 0, await _head(conn), time.monotonic() - started)
-        return await _seal_locked(conn, block_size, float(max_wait), progress, started)
+        await _take_seal_lock(conn, wait)
+        return await _seal_locked(conn, block_size, started + wait, progress, started)
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+async def _take_seal_lock(conn: Any, max_wait: float) -> None:
+    """Wait up to ``max_wait`` seconds for the lock that serializes sealers."""
+    # lock_timeout 0 would mean "wait forever": never ask for less than 1 ms.
+    timeout_ms = max(1, math.ceil(max_wait * 1000))
+    await conn.execute(f"SET LOCAL lock_timeout = {timeout_ms}")
+    try:
+        # A savepoint, so that a refused lock leaves the transaction usable for
+        # naming who holds it.
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE audit_seals IN SHARE ROW EXCLUSIVE MODE")
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", None)
+        if state == _INSUFFICIENT_PRIVILEGE:
+            raise AuditStorageError(
+                "sealing failed: permission denied to take the seal lock (LOCK TABLE "
+                "audit_seals IN SHARE ROW EXCLUSIVE MODE needs UPDATE on audit_seals; "
+                "audit-orm grant --sealer ROLE gives it)"
+            ) from exc
+        if state != _LOCK_NOT_AVAILABLE:
+            raise
+        holders = await conn.fetch(
+            "SELECT DISTINCT l.pid, a.usename FROM pg_catalog.pg_locks l "
+            "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'relation' AND l.granted "
+            "AND l.relation = 'audit_seals'::regclass AND l.pid <> pg_catalog.pg_backend_pid() "
+            "AND l.mode IN ('ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock', "
+            "'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock') ORDER BY l.pid"
+        )
+        named = ", ".join(f"pid {pid} (role {user})" for pid, user in holders) or "another session"
+        raise SealingError(
+            f"the seal lock on audit_seals was held by {named} for more than "
+            f"max_wait={max_wait:g} s: nothing sealed"
+        ) from exc
+    await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
 async def _sequence_name(conn: Any) -> str:
@@ -412,7 +435,7 @@ async def _sequence_name(conn: Any) -> str:
 async def _seal_locked(
     conn: Any,
     block_size: int,
-    max_wait: float,
+    deadline: float,
     progress: ProgressCallback | None,
     started: float,
 ) -> SealResult:
@@ -428,7 +451,6 @@ async def _seal_locked(
         return SealResult(SealStatus.UP_TO_DATE, (), 0, head, time.monotonic() - started)
     horizon = int(await conn.fetchval("SELECT pg_current_xact_id()"))
 
-    deadline = time.monotonic() + max_wait
     delay = 0.001
     while True:
         # Our own id counts in xmin, so xmin == horizon once every older one ended.
@@ -570,468 +592,3 @@ async def digest(engine: AsyncEngine) -> Digest | None:
     async with _driver(engine, "reading the digest") as conn:
         head = await _head(conn)
     return None if head is None else head.digest
-
-
-# ---------------------------------------------------------------------- verify
-
-
-class _Problems:
-    """Collects problems up to a cap, counting every one."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.items: list[tuple[int, int, Problem]] = []
-        self.count = 0
-
-    def add(self, position: int, problem: Problem) -> None:
-        self.count += 1
-        if len(self.items) < self.cap:
-            self.items.append((position, len(self.items), problem))
-
-
-def _check_chain(seals: Sequence[SealInfo], found: _Problems) -> set[int]:
-    """Check every seal's hash and links; return the seal numbers whose content is unreliable."""
-    suspect: set[int] = set()
-    prev: SealInfo | None = None
-    for index, current in enumerate(seals):
-        expected_no = index + 1 if prev is None else prev.seal_no + 1
-        position = current.first_seq
-        if current.seal_no != expected_no:
-            missing = (
-                f"seal {expected_no}"
-                if current.seal_no == expected_no + 1
-                else f"seals {expected_no} to {current.seal_no - 1}"
-            )
-            found.add(
-                position,
-                Problem(
-                    ProblemKind.REMOVED_SEAL,
-                    f"{missing} missing: the chain jumps to seal {current.seal_no}",
-                    seal_no=expected_no,
-                ),
-            )
-        if current.computed_hash() != current.seal_hash:
-            suspect.add(current.seal_no)
-            found.add(
-                position,
-                Problem(
-                    ProblemKind.REWRITTEN_SEAL,
-                    f"seal {current.seal_no} (seq {current.first_seq}..{current.last_seq}) "
-                    f"does not match its own hash: it was rewritten",
-                    seal_no=current.seal_no,
-                ),
-            )
-        expected_prev = None if prev is None else prev.seal_hash
-        if (index > 0 or current.seal_no == 1) and current.prev_hash != expected_prev:
-            suspect.add(current.seal_no)
-            found.add(
-                position,
-                Problem(
-                    ProblemKind.BROKEN_CHAIN,
-                    f"seal {current.seal_no} does not link to the seal before it: "
-                    f"seal {current.seal_no - 1} or seal {current.seal_no} was rewritten "
-                    f"or replaced",
-                    seal_no=current.seal_no,
-                ),
-            )
-        expected_first = 1 if prev is None else prev.last_seq + 1
-        if current.first_seq != expected_first and current.seal_no == expected_no:
-            suspect.add(current.seal_no)
-            found.add(
-                position,
-                Problem(
-                    ProblemKind.BROKEN_CHAIN,
-                    f"seal {current.seal_no} starts at seq {current.first_seq}, "
-                    f"not {expected_first}",
-                    seal_no=current.seal_no,
-                ),
-            )
-        gap_total = 0
-        previous_high = current.first_seq - 1
-        for low, high in current.gaps:
-            if low <= previous_high or high < low or high > current.last_seq:
-                suspect.add(current.seal_no)
-                break
-            gap_total += high - low + 1
-            previous_high = high
-        span = current.last_seq - current.first_seq + 1
-        if span - gap_total != current.row_count and current.seal_no not in suspect:
-            suspect.add(current.seal_no)
-            found.add(
-                position,
-                Problem(
-                    ProblemKind.REWRITTEN_SEAL,
-                    f"seal {current.seal_no}: its row count and gaps disagree",
-                    seal_no=current.seal_no,
-                ),
-            )
-        prev = current
-    return suspect
-
-
-def _check_digest(seals: Sequence[SealInfo], wanted: Digest, found: _Problems) -> bool:
-    """Whether the digest's seal is in the chain; if not, say what happened to it."""
-    end = seals[-1].last_seq + 1 if seals else 1
-    for item in seals:
-        if item.seal_hash == wanted.seal_hash and wanted.seal_no in (None, item.seal_no):
-            return True
-    chain_end = f"the chain ends at seal {seals[-1].seal_no}" if seals else "there are no seals"
-    if wanted.seal_no is None:
-        found.add(
-            end,
-            Problem(
-                ProblemKind.REMOVED_SEAL,
-                f"no seal has the digest's hash: the seal it names was removed or "
-                f"rewritten ({chain_end})",
-            ),
-        )
-        return False
-    numbered = [item for item in seals if item.seal_no == wanted.seal_no]
-    if not numbered:
-        found.add(
-            end,
-            Problem(
-                ProblemKind.REMOVED_SEAL,
-                f"seal {wanted.seal_no}, named by the digest, is missing ({chain_end})",
-                seal_no=wanted.seal_no,
-            ),
-        )
-    else:
-        found.add(
-            numbered[0].first_seq,
-            Problem(
-                ProblemKind.REWRITTEN_SEAL,
-                f"seal {wanted.seal_no} no longer has the digest's hash: it or a seal "
-                f"before it was rewritten",
-                seal_no=wanted.seal_no,
-            ),
-        )
-    return False
-
-
-_NO_GAP = 2**63
-
-
-@dataclass
-class _Block:
-    """Verification state of the seal whose range the row walk is in."""
-
-    info: SealInfo
-    trusted: bool
-    #: Cut time of the previous sealing run: rows here were recorded after it.
-    floor_us: int | None
-    horizon: int
-    gaps: list[tuple[int, int]]
-    #: Where the range of the seal before this one ended (+1); ``None`` when unknown.
-    hole_from: int | None
-    gap_index: int = 0
-    expected: int = 0
-    #: Where the next gap starts (beyond any seq when there is none): the fast
-    #: path of the walk only looks at gaps when it reaches one.
-    next_gap_low: int = _NO_GAP
-    leaves: list[bytes] = field(default_factory=list)
-    row_problem: bool = False
-
-    def skip_gaps(self, seq: int) -> int:
-        """The first seq at or after ``seq`` that the seal says holds a row."""
-        gaps = self.gaps
-        while self.gap_index < len(gaps) and gaps[self.gap_index][1] < seq:
-            self.gap_index += 1
-        while self.gap_index < len(gaps) and gaps[self.gap_index][0] <= seq:
-            seq = gaps[self.gap_index][1] + 1
-            self.gap_index += 1
-        self.next_gap_low = gaps[self.gap_index][0] if self.gap_index < len(gaps) else _NO_GAP
-        return seq
-
-    def next_gap(self) -> int | None:
-        """Where the next gap after :attr:`expected` starts."""
-        return self.gaps[self.gap_index][0] if self.gap_index < len(self.gaps) else None
-
-    def in_gap(self, seq: int) -> bool:
-        """Whether the seal recorded ``seq`` as holding no row."""
-        index = self.gap_index
-        while index < len(self.gaps) and self.gaps[index][1] < seq:
-            index += 1
-        return index < len(self.gaps) and self.gaps[index][0] <= seq
-
-
-def _floors(seals: Sequence[SealInfo]) -> dict[int, int | None]:
-    """For each seal, the cut time (µs) of the sealing run before its own."""
-    floors: dict[int, int | None] = {}
-    previous_run: int | None = None
-    current_run: int | None = None
-    for item in seals:
-        cut = micros(item.cut_at)
-        if current_run is None or cut != current_run:
-            previous_run = current_run
-            current_run = cut
-        floors[item.seal_no] = previous_run
-    return floors
-
-
-# Only built-in output functions: uuid_send and timestamptz_send give the bytes
-# the encoding uses as they stand (see audit_orm.hashing).
-_VERIFY_QUERY = (
-    "SELECT uuid_send(id), seq, event_type, entity_type, uuid_send(entity_id), actor, "
-    "data::text, timestamptz_send(occurred_at), timestamptz_send(recorded_at), "
-    "uuid_send(recommendation_id), uuid_send(order_id), ticker, uuid_send(corrects_id), "
-    "row_hash, txid FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
-)
-
-
-async def verify(
-    engine: AsyncEngine,
-    *,
-    digest: Digest | str | None = None,
-    progress: ProgressCallback | None = None,
-    max_problems: int = DEFAULT_MAX_PROBLEMS,
-) -> VerifyReport:
-    """Recompute every row hash, every block's Merkle root and the seal chain.
-
-    Runs in one read-only REPEATABLE READ transaction, so rows and seals are
-    seen as of one instant while writers carry on. With ``digest`` (from
-    :func:`digest`, kept outside the database) it also proves the chain up to
-    that seal is the one that was sealed: rewriting or removing seals, even
-    with every hash recomputed, cannot pass.
-
-    :returns: a :class:`VerifyReport`; ``report.ok`` is true when nothing was
-        found, ``report.first_problem`` names the earliest thing that does not hold.
-    """
-    wanted = Digest.parse(digest) if isinstance(digest, str) else digest
-    if wanted is not None and not isinstance(wanted, Digest):
-        raise InvalidInputError("digest", digest, "must be a Digest or its text")
-    if isinstance(max_problems, bool) or not isinstance(max_problems, int) or max_problems < 1:
-        raise InvalidInputError("max_problems", max_problems, "must be a positive integer")
-    started = time.monotonic()
-    found = _Problems(max_problems)
-    async with (
-        _driver(engine, "verifying") as conn,
-        conn.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        records = await conn.fetch(f"SELECT {_SEAL_COLUMNS} FROM audit_seals ORDER BY seal_no")
-        seals = [_seal_from_record(record) for record in records]
-        suspect = _check_chain(seals, found)
-        matched: bool | None = None
-        if wanted is not None:
-            matched = _check_digest(seals, wanted, found)
-        total = await conn.fetchval("SELECT max(seq) FROM audit_events")
-        rows_checked, unsealed = await _walk_rows(conn, seals, suspect, found, progress, total)
-    problems = tuple(problem for _, _, problem in sorted(found.items, key=lambda t: t[:2]))
-    return VerifyReport(
-        problems=problems,
-        problem_count=found.count,
-        rows_checked=rows_checked,
-        seals_checked=len(seals),
-        unsealed_rows=unsealed,
-        head=seals[-1] if seals else None,
-        digest_matched=matched,
-        elapsed=time.monotonic() - started,
-    )
-
-
-async def _walk_rows(
-    conn: Any,
-    seals: Sequence[SealInfo],
-    suspect: set[int],
-    found: _Problems,
-    progress: ProgressCallback | None,
-    total: int | None,
-) -> tuple[int, int]:
-    floors = _floors(seals)
-    last_cut = micros(seals[-1].cut_at) if seals else None
-    seal_index = 0
-    block: _Block | None = None
-
-    def open_block(index: int) -> _Block:
-        info = seals[index]
-        if index > 0:
-            hole_from: int | None = seals[index - 1].last_seq + 1
-        else:
-            hole_from = 1 if info.seal_no == 1 else None
-        opened = _Block(
-            info=info,
-            trusted=info.seal_no not in suspect,
-            floor_us=floors[info.seal_no],
-            horizon=info.horizon_txid,
-            gaps=list(info.gaps),
-            hole_from=hole_from,
-        )
-        opened.expected = opened.skip_gaps(info.first_seq)
-        return opened
-
-    def report_missing(current: _Block, upto: int) -> None:
-        # Every number from current.expected up to (not including) upto that is
-        # not a gap should have held a row: report each run of them once.
-        while current.expected < upto:
-            start = current.expected
-            gap = current.next_gap()
-            end = upto - 1 if gap is None else min(upto - 1, gap - 1)
-            count = end - start + 1
-            current.expected = current.skip_gaps(end + 1)
-            current.row_problem = True
-            where = f"seq {start}" if count == 1 else f"seq {start}..{end} ({count} rows)"
-            found.add(
-                start,
-                Problem(
-                    ProblemKind.DELETED_ROW,
-                    f"{where} sealed by seal {current.info.seal_no} "
-                    f"{'is' if count == 1 else 'are'} missing: deleted",
-                    seal_no=current.info.seal_no,
-                    seq=start,
-                ),
-            )
-
-    def close_block(current: _Block) -> None:
-        report_missing(current, current.info.last_seq + 1)
-        if (
-            current.trusted
-            and not current.row_problem
-            and (not current.leaves or merkle_root(current.leaves) != current.info.merkle_root)
-        ):
-            found.add(
-                current.info.first_seq,
-                Problem(
-                    ProblemKind.BLOCK_MISMATCH,
-                    f"the rows of seal {current.info.seal_no} (seq "
-                    f"{current.info.first_seq}..{current.info.last_seq}) no longer give "
-                    f"its Merkle root: a row there was changed together with its stored hash, "
-                    f"or the seal's root was rewritten",
-                    seal_no=current.info.seal_no,
-                ),
-            )
-
-    def row_problem(kind: ProblemKind, row: Any, text: str, seal_no: int | None) -> None:
-        event_id = UUID(bytes=row[0])
-        found.add(
-            row[1],
-            Problem(
-                kind,
-                f"row seq {row[1]} (id {event_id}) {text}",
-                seal_no=seal_no,
-                seq=row[1],
-                event_id=event_id,
-            ),
-        )
-
-    if seals:
-        block = open_block(0)
-    rows_checked = 0
-    unsealed = 0
-    pending = asyncio.ensure_future(conn.fetch(_VERIFY_QUERY, -(2**63), _VERIFY_BATCH))
-    try:
-        while True:
-            batch = await pending
-            if not batch:
-                break
-            # Ask for the next batch before hashing this one: the server reads and
-            # sends it while Python works.
-            pending = asyncio.ensure_future(conn.fetch(_VERIFY_QUERY, batch[-1][1], _VERIFY_BATCH))
-            rows_checked += len(batch)
-            for row in batch:
-                seq = row[1]
-                stored = row[13]
-                # Advance to the seal whose range holds this row.
-                while block is not None and seq > block.info.last_seq:
-                    close_block(block)
-                    seal_index += 1
-                    block = open_block(seal_index) if seal_index < len(seals) else None
-                computed = (
-                    _V1
-                    + sha256(
-                        encode_row_raw(
-                            row[0],
-                            seq,
-                            row[2],
-                            row[3],
-                            row[4],
-                            row[5],
-                            row[6],
-                            row[7],
-                            row[8],
-                            row[9],
-                            row[10],
-                            row[11],
-                            row[12],
-                        )
-                    ).digest()
-                )
-                if computed != stored:
-                    row_problem(
-                        ProblemKind.CHANGED_ROW,
-                        row,
-                        "does not match its stored hash: it was changed",
-                        None if block is None else block.info.seal_no,
-                    )
-                    if block is not None:
-                        block.row_problem = True
-                recorded_us = int.from_bytes(row[8], "big", signed=True)
-                if block is None:
-                    unsealed += 1
-                    if last_cut is not None and recorded_us < last_cut:
-                        row_problem(
-                            ProblemKind.BACKDATED_ROW,
-                            row,
-                            "comes after the last seal but claims to be recorded before it was cut",
-                            None,
-                        )
-                    continue
-                if seq == block.expected:
-                    # The common case: the next row the seal holds.
-                    following = seq + 1
-                    block.expected = (
-                        following if following < block.next_gap_low else block.skip_gaps(following)
-                    )
-                elif seq < block.info.first_seq:
-                    # Rows between two seals that do not link up belong to a removed
-                    # seal, already reported; only rows before seal 1 are out of place.
-                    if block.hole_from is not None and seq < block.hole_from:
-                        row_problem(
-                            ProblemKind.INSERTED_ROW,
-                            row,
-                            f"lies before the first sealed range (seal {block.info.seal_no} "
-                            f"starts at seq {block.info.first_seq}): inserted afterwards",
-                            block.info.seal_no,
-                        )
-                    continue
-                elif seq < block.expected or block.in_gap(seq):
-                    block.row_problem = True
-                    row_problem(
-                        ProblemKind.INSERTED_ROW,
-                        row,
-                        f"lies in the range of seal {block.info.seal_no}, which recorded no row "
-                        f"there: inserted afterwards",
-                        block.info.seal_no,
-                    )
-                    continue
-                else:
-                    report_missing(block, seq)
-                    block.expected = block.skip_gaps(seq + 1)
-                block.leaves.append(stored)
-                if row[14] >= block.horizon:
-                    block.row_problem = True
-                    row_problem(
-                        ProblemKind.CHANGED_ROW,
-                        row,
-                        f"names transaction {row[14]}, which had not ended when seal "
-                        f"{block.info.seal_no} was made",
-                        block.info.seal_no,
-                    )
-                if block.floor_us is not None and recorded_us < block.floor_us:
-                    row_problem(
-                        ProblemKind.BACKDATED_ROW,
-                        row,
-                        "claims to be recorded before the sealing run that preceded its seal",
-                        block.info.seal_no,
-                    )
-            if progress is not None:
-                progress(Progress("verify", rows_checked, total))
-    finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pending
-    while block is not None:
-        close_block(block)
-        seal_index += 1
-        block = open_block(seal_index) if seal_index < len(seals) else None
-    return rows_checked, unsealed

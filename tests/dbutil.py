@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from audit_orm.database import asyncpg_url, start_embedded
 
@@ -82,3 +82,28 @@ async def scratch_database(admin_url: str) -> AsyncIterator[tuple[str, AsyncEngi
     finally:
         await engine.dispose()
         await drop_database(admin_url, url)
+
+
+@asynccontextmanager
+async def triggers_disabled(conn: AsyncConnection) -> AsyncIterator[None]:
+    """The audit tables' user triggers disabled inside the block, restored as they were after.
+
+    For tests that tamper as a superuser and then check what verification
+    finds in the rows, not that the triggers were left off.
+    """
+    states = (
+        await conn.execute(
+            text(
+                "SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid "
+                "WHERE c.oid IN ('audit_events'::regclass, 'audit_seals'::regclass) "
+                "AND NOT t.tgisinternal"
+            )
+        )
+    ).all()
+    await conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
+    await conn.execute(text("ALTER TABLE audit_seals DISABLE TRIGGER USER"))
+    yield
+    modes = {"A": "ENABLE ALWAYS", "O": "ENABLE", "R": "ENABLE REPLICA", "D": "DISABLE"}
+    for table, trigger, state in states:
+        await conn.execute(text(f'ALTER TABLE {table} {modes[state]} TRIGGER "{trigger}"'))

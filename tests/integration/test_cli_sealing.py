@@ -66,6 +66,9 @@ def test_seal_digest_verify(
             url,
             "ALTER TABLE audit_events DISABLE TRIGGER USER",
             "UPDATE audit_events SET actor = 'mallory' WHERE seq IN (2, 3)",
+            "ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only",
+            "ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_before_insert",
+            "ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_claim_xid",
         )
     )
     code, report = run("--database-url", url, "verify", "--max-problems", "1")

@@ -33,6 +33,7 @@ from audit_orm import (
 )
 from audit_orm.hashing import merkle_root
 from audit_orm.sealing import _seal_from_record
+from tests.dbutil import triggers_disabled
 
 HASH_ARGS = (
     "id, seq, event_type, entity_type, entity_id, actor, data, occurred_at, recorded_at, "
@@ -76,10 +77,12 @@ async def trail(fresh_db: tuple[str, AsyncEngine]) -> Trail:
 
 
 async def tamper(engine: AsyncEngine, *statements: str, **params: object) -> None:
-    """Run ``statements`` as a superuser with the append-only triggers disabled."""
-    async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
-        await conn.execute(text("ALTER TABLE audit_seals DISABLE TRIGGER USER"))
+    """Run ``statements`` as a superuser with the append-only triggers disabled.
+
+    The triggers are put back as they were afterwards: a tamperer who leaves
+    them disabled is reported for that too (see tests/adversarial).
+    """
+    async with engine.begin() as conn, triggers_disabled(conn):
         for statement in statements:
             await conn.execute(text(statement), params)
 
