@@ -521,12 +521,16 @@ async def _check_path(
         seen = resolved[name]
         if seen is None or seen == oid:
             continue
-        what = await conn.fetchval(
-            "SELECT n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.relname "
-            "OPERATOR(pg_catalog.||) ' (relkind ' OPERATOR(pg_catalog.||) c.relkind "
-            "OPERATOR(pg_catalog.||) ')' FROM pg_catalog.pg_class c "
+        record = await conn.fetchrow(
+            "SELECT n.nspname, c.relname, c.relkind::pg_catalog.text FROM pg_catalog.pg_class c "
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             seen,
+        )
+        kinds = {"v": "a view", "m": "a materialized view", "r": "a table", "f": "a foreign table"}
+        what = (
+            "an object gone since"
+            if record is None
+            else f"{record[0]}.{record[1]} ({kinds.get(record[2], 'relkind ' + record[2])})"
         )
         found.add(
             _SCHEMA_POSITION,

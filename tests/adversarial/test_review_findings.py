@@ -199,9 +199,19 @@ async def _privileges(engine: AsyncEngine, role: str) -> set[str]:
                 "audit_events:INSERT",
                 "audit_seals:SELECT",
                 "audit_seals:INSERT",
+                # The sealer's UPDATE is only for the seal lock (README, Roles).
+                "audit_seals:UPDATE",
             },
         ),
-        (("reader", "sealer"), {"audit_events:SELECT", "audit_seals:SELECT", "audit_seals:INSERT"}),
+        (
+            ("reader", "sealer"),
+            {
+                "audit_events:SELECT",
+                "audit_seals:SELECT",
+                "audit_seals:INSERT",
+                "audit_seals:UPDATE",
+            },
+        ),
     ],
 )
 async def test_one_role_in_two_jobs_gets_the_union(
