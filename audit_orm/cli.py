@@ -132,15 +132,12 @@ def _seal_range(seals: Sequence[sealing.SealInfo]) -> str:
 
 async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Seal every committed row that can no longer change."""
-    block_size, max_wait = sealing.check_seal_options(
-        args.block_size, args.max_wait, block_size_name="--block-size", max_wait_name="--max-wait"
-    )
     bar = _progress_bar()
     try:
         result = await sealing.seal(
             engine,
-            block_size=block_size,
-            max_wait=max_wait,
+            block_size=args.block_size,
+            max_wait=args.max_wait,
             progress=None if bar is None else _feed(bar),
         )
     finally:
