@@ -24,7 +24,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm import grants, migrate, sealing, verifying
-from audit_orm.database import create_engine, session_factory
+from audit_orm.database import DATABASE_URL_ENV, create_engine, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.display import escape_controls, escape_json
 from audit_orm.errors import (
@@ -476,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(url: str | None) -> AsyncEngine:
+    # An empty URL (an unset variable in "--database-url $URL") must not fall
+    # back to the embedded server: verify would vouch for an empty database.
+    if url is not None and not url.strip():
+        raise InvalidInputError("--database-url", url, "is empty")
+    if url is None and os.environ.get(DATABASE_URL_ENV) == "":
+        raise InvalidInputError(DATABASE_URL_ENV, "", "is set but empty")
     try:
         return create_engine(url)
     except (ValueError, ArgumentError) as exc:

@@ -222,6 +222,9 @@ class AuditWriter:
             raise InvalidInputError("max_delay", max_delay, "must be from 0 to 60 seconds")
         if not isinstance(engine, (AsyncEngine, str)) and engine is not None:
             raise InvalidInputError("engine", engine, "must be an AsyncEngine, a URL or None")
+        if isinstance(engine, str) and not engine.strip():
+            # Not the default: an empty URL is a missing setting, not a choice.
+            raise InvalidInputError("engine", engine, "is an empty URL")
         max_payload_bytes = check_max_payload_bytes(max_payload_bytes)
         self._owns_engine = not isinstance(engine, AsyncEngine)
         try:

@@ -682,6 +682,8 @@ WRITER_CASES = [
                InvalidInputError, "max_payload_bytes", "None"),
     WriterCase("writer: an engine that is a number", at_once(lambda t, e, _: AuditWriter(5)),
                InvalidInputError, "engine", "5"),
+    WriterCase("writer: an empty URL", at_once(lambda t, e, _: AuditWriter("")),
+               InvalidInputError, "engine", "''"),
     WriterCase("writer: a URL that is not one", at_once(lambda t, e, _: AuditWriter("db, please")),
                InvalidInputError, "engine", "'db, please'"),
     WriterCase("writer: a URL of another database, password hidden",
@@ -1101,6 +1103,10 @@ URL_CASES = [
     CliCase("database URL of another database",
             ["--database-url", "mysql://trader:s3cret@db/prod", "trail", str(ORDER)],
             InvalidInputError, "--database-url", "mysql://trader:***@db/prod"),
+    CliCase("database URL empty, as from an unset variable",
+            ["--database-url", "", "verify"], InvalidInputError, "--database-url", "''"),
+    CliCase("database URL of spaces", ["--database-url", "  ", "digest"], InvalidInputError,
+            "--database-url", "'  '"),
 ]
 # fmt: on
 
@@ -1167,6 +1173,22 @@ OPTION_CASES = [
     OptionCase("an escape in an unknown option", ["digest", "--x\x1b[2J"], "--x\\x1b[2J"),
 ]
 # fmt: on
+
+
+def test_an_empty_database_url_variable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """audit-orm: AUDIT_ORM_DATABASE_URL set but empty is refused, not the embedded server.
+
+    Falling back would let ``verify`` vouch for an empty database the operator
+    never meant to check.
+    """
+    monkeypatch.setenv("AUDIT_ORM_DATABASE_URL", "")
+    out = io.StringIO()
+    assert main(["verify"], out) == 2
+    err = capfd.readouterr().err
+    assert "AUDIT_ORM_DATABASE_URL" in err and "empty" in err, err
+    assert out.getvalue() == ""
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c.kind for c in OPTION_CASES])
