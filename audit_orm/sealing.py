@@ -368,6 +368,9 @@ async def seal(
     :raises InvalidInputError: a bad argument.
     """
     block_size, wait = check_seal_options(block_size, max_wait)
+    if progress is not None and not callable(progress):
+        # Found out only after the first block otherwise, as a TypeError.
+        raise InvalidInputError("progress", progress, "must be callable")
     started = time.monotonic()
     # READ COMMITTED whatever the server default: every statement must see a
     # fresh snapshot, the closure proof depends on it.

@@ -698,6 +698,8 @@ async def verify(
         tables and ``schema`` is not given.
     """
     wanted, cap, tolerance_us = _check_verify_options(digest, max_problems, clock_tolerance, schema)
+    if progress is not None and not callable(progress):
+        raise InvalidInputError("progress", progress, "must be callable")
     started = time.monotonic()
     found = _Problems(cap)
     steps = _ClockSteps(cap)
