@@ -492,6 +492,8 @@ async def test_lines_of_one_event_conflicts_duplicates_and_bad_lines(
     assert (report.written, report.duplicates) == (2, 2)
     (bad,) = report.rejected
     assert bad.line == 1 and bad.reason.startswith("invalid event: ")
+    # Each problem keeps the line itself, for the rejected file.
+    assert json.loads(bad.raw)["event"]["data"]["fill_quantity"] == "NaN"
     (conflict,) = report.conflicts
     assert conflict.line == 3
     assert conflict.event_id == str(LOW)
@@ -499,6 +501,7 @@ async def test_lines_of_one_event_conflicts_duplicates_and_bad_lines(
         f"conflict: event_id {LOW} is used by a different event at line 2; "
         "that one is replayed, this one is not"
     )
+    assert json.loads(conflict.raw)["event"]["data"]["broker_order_id"] == "other"
     assert await event_counts(engine, [LOW, after.id]) == {LOW: 1, after.id: 1}
 
 
