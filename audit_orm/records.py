@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -129,17 +129,29 @@ _UNDECODABLE = object()
 
 def _reason(row: Sequence[Any], data: Any) -> str:
     """Why ``row`` cannot be a record (the slow path: only for such a row)."""
-    if row[2] not in EVENT_TYPES_BY_VALUE:
-        # The columns are short (VARCHAR(64), VARCHAR(32)): repr shows them whole, escaped.
-        return f"event_type {row[2]!r} is not one this version knows"
-    if row[3] not in ENTITY_TYPES_BY_VALUE:
-        return f"entity_type {row[3]!r} is not one this version knows"
+    unknown = _type_reason(row[2], row[3])
+    if unknown is not None:
+        return unknown
     if row[7] is None or row[8] is None:
         which = "occurred_at" if row[7] is None else "recorded_at"
         return f"{which} is not a time between the years 1 and 9999 (UTC)"
+    return _data_reason(row[6], data) or "unreadable"
+
+
+def _type_reason(event_type: Any, entity_type: Any) -> str | None:
+    # The columns are short (VARCHAR(64), VARCHAR(32)): repr shows them whole, escaped.
+    if event_type not in EVENT_TYPES_BY_VALUE:
+        return f"event_type {event_type!r} is not one this version knows"
+    if entity_type not in ENTITY_TYPES_BY_VALUE:
+        return f"entity_type {entity_type!r} is not one this version knows"
+    return None
+
+
+def _data_reason(raw: Any, data: Any) -> str | None:
+    """Why ``raw`` (decoded as ``data``) is no record's data, or ``None``."""
     if data is _UNDECODABLE:
         try:
-            loads_exact(row[6])
+            loads_exact(raw)
         except RecursionError:
             return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
         except ValueError as exc:
@@ -147,7 +159,45 @@ def _reason(row: Sequence[Any], data: Any) -> str:
     if type(data) is not dict:
         kind = "null" if data is None else type(data).__name__
         return f"data is a JSON {kind}, not an object"
-    return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+    if not _shallow(raw, data):
+        return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+    return None
+
+
+#: ``timestamptz_send`` gives microseconds since 2000-01-01 UTC; the readable range in them.
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_FIRST_MICROS = (datetime(1, 1, 1, tzinfo=UTC) - _PG_EPOCH) // timedelta(microseconds=1)
+_LAST_MICROS = (datetime.max.replace(tzinfo=UTC) - _PG_EPOCH) // timedelta(microseconds=1)
+#: Python refuses integers longer than this (``sys.get_int_max_str_digits``'s default).
+_INT_DIGITS = 4300
+
+
+def unreadable_reason(
+    event_type: str, entity_type: str, data_text: str, occurred_us: int, recorded_us: int
+) -> str | None:
+    """Why a row, as :func:`~audit_orm.verify` reads it, is one no reader can read; or ``None``.
+
+    The same rules as :func:`record_from_row`, on the raw values (times as
+    ``timestamptz_send`` microseconds), cheap for a readable row: its data is
+    decoded only when it could hold a too-long number or too deep a nesting.
+    """
+    unknown = _type_reason(event_type, entity_type)
+    if unknown is not None:
+        return unknown
+    for name, micros in (("occurred_at", occurred_us), ("recorded_at", recorded_us)):
+        if not _FIRST_MICROS <= micros <= _LAST_MICROS:
+            return f"{name} is not a time between the years 1 and 9999 (UTC)"
+    size = len(data_text)
+    if not data_text.startswith("{") or (
+        size > 2 * MAX_DATA_DEPTH
+        and (size > _INT_DIGITS or data_text.count("[") + data_text.count("{") > MAX_DATA_DEPTH)
+    ):
+        try:
+            data = decode_exact(data_text)
+        except (ValueError, RecursionError):
+            data = _UNDECODABLE
+        return _data_reason(data_text, data)
+    return None
 
 
 def _shallow(raw: Any, data: dict[str, Any]) -> bool:

@@ -65,6 +65,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm.errors import AuditStorageError, InvalidInputError
 from audit_orm.hashing import encode_row_raw, merkle_root, micros
+from audit_orm.records import unreadable_reason
 from audit_orm.sealing import (
     _SEAL_COLUMNS,
     Digest,
@@ -120,6 +121,10 @@ class ProblemKind(StrEnum):
     #: Under the connecting role's ``search_path`` an audit table's name leads to
     #: another object than the table verified (a shadowing view or table).
     SHADOWED_TABLE = "shadowed_table"
+    #: A row whose hash holds but that no reader can read back as a record (see
+    #: :class:`~audit_orm.UnreadableRowError`): inserted by plain SQL, or before
+    #: a constraint existed.
+    UNREADABLE_ROW = "unreadable_row"
 
 
 class NoticeKind(StrEnum):
@@ -965,6 +970,21 @@ async def _walk_rows(
                 )
                 if block is not None:
                     block.row_problem = True
+            unreadable = unreadable_reason(
+                row[2],
+                row[3],
+                row[6],
+                int.from_bytes(row[7], "big", signed=True),
+                int.from_bytes(row[8], "big", signed=True),
+            )
+            if unreadable is not None:
+                # Not tampering (the hash holds), but every reader would refuse the row.
+                row_problem(
+                    ProblemKind.UNREADABLE_ROW,
+                    row,
+                    f"cannot be read back: {unreadable}",
+                    None if block is None else block.info.seal_no,
+                )
             if block is None:
                 unsealed += 1
                 check_time(row, last_run, None)

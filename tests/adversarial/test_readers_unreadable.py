@@ -6,7 +6,7 @@ object, a number of thousands of digits, nesting hundreds of levels deep, an
 event or entity type this version does not know, a time that a Python
 datetime cannot hold), every reader reports it as an ``UnreadableRowError``
 naming the row, never a raw TypeError, AttributeError, ValueError,
-KeyError, OverflowError or RecursionError.
+KeyError, OverflowError or RecursionError; ``verify`` names it and goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from audit_orm import AuditError, AuditRepository, UnreadableRowError, export_events
+from audit_orm import AuditError, AuditRepository, UnreadableRowError, export_events, verify
 from audit_orm.cli import main
 
 
@@ -187,3 +187,29 @@ async def test_the_cli_names_an_unreadable_row_and_writes_no_file(
         assert err.startswith("audit-orm: error: row seq") and f"seq {seq} " in err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert await asyncio.to_thread(lambda: list(tmp_path.iterdir())) == []
+
+
+async def test_verify_reports_unreadable_rows_and_checks_the_rest(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """README "Sealing": verify recomputes every hash and names what does not hold.
+
+    Rows no reader can read are named, one ``unreadable_row`` problem each
+    with its seq, rather than crash verify or pass in silence; their hashes,
+    stamped by the trigger, still hold (no ``changed_row``), a good row beside
+    them is not named, and ``audit-orm verify`` exits 1 listing them.
+    """
+    url, engine = fresh_db
+    seqs = [(await _insert_by_hand(engine, bad))[2] for bad in BAD_ROWS]
+    async with AsyncSession(engine) as session, session.begin():
+        good = await AuditRepository(session).order_accepted(uuid.uuid4(), "ACME", "b-1")
+    report = await verify(engine)
+    assert report.rows_checked == len(BAD_ROWS) + 1
+    unreadable = [p for p in report.problems if p.kind.value == "unreadable_row"]
+    assert [p.seq for p in unreadable] == seqs
+    assert all(f"row seq {p.seq} " in p.message for p in unreadable)
+    assert not [p for p in report.problems if p.kind.value == "changed_row"]
+    assert good.seq not in {p.seq for p in report.problems}
+    code, shown = await asyncio.to_thread(_cli, url, "verify")
+    assert code == 1
+    assert f"unreadable_row: row seq {seqs[0]} " in shown
