@@ -13,6 +13,7 @@ import math
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from audit_orm import (
     EventIdConflictError,
     InvalidInputError,
     MigrationConflictError,
+    Spool,
     bulk,
     cli,
     grant,
@@ -376,7 +378,7 @@ async def test_call_with_retries_repeats_a_transaction_that_lost_a_serialization
 
 
 def test_cli_exit_codes_tell_an_outage_from_bad_input(
-    fresh_db: tuple[str, AsyncEngine], capsys: pytest.CaptureFixture[str]
+    fresh_db: tuple[str, AsyncEngine], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """README, Command line: a script must tell "try again later" from "fix the call".
 
@@ -385,7 +387,10 @@ def test_cli_exit_codes_tell_an_outage_from_bad_input(
     """
     url, _ = fresh_db
     dead = unreachable_url(url)
+    spool = tmp_path / "audit.spool"
+    Spool(spool).append_event(prepare_event(**_accepted(uuid.uuid4())), "outage")  # type: ignore[arg-type]
     for argv in (
+        ["replay", str(spool), "--attempts", "1"],
         ["trail", str(uuid.uuid4())],
         ["export"],
         ["verify"],
