@@ -36,6 +36,9 @@ def quote_role(role: str, field: str) -> str:
         raise InvalidInputError(
             field, role, "must not contain control or bidirectional formatting characters"
         )
+    if not role.isprintable():
+        # Lone surrogates among them: UTF-8 cannot carry them to the server.
+        raise InvalidInputError(field, role, "must be printable text")
     if len(role.encode()) > _NAME_MAX_BYTES:
         raise InvalidInputError(field, role, "is not a valid PostgreSQL role name")
     if role.lower() == "public":
@@ -114,6 +117,8 @@ async def grant(
     """
     roles = {"writer": writer, "reader": reader, "sealer": sealer}
     grant_statements(writer=writer, reader=reader, sealer=sealer)
+    if not isinstance(engine, AsyncEngine):
+        raise InvalidInputError("engine", engine, "must be an AsyncEngine")
     try:
         async with engine.begin() as conn:
             for field, role in roles.items():

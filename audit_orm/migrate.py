@@ -29,7 +29,12 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from audit_orm.errors import DB_ERRORS, MigrationConflictError, translate_db_error
+from audit_orm.errors import (
+    DB_ERRORS,
+    InvalidInputError,
+    MigrationConflictError,
+    translate_db_error,
+)
 from audit_orm.models import Base
 
 #: The version table of standalone use, apart from a host application's own.
@@ -254,6 +259,10 @@ async def migration_lock(conn: AsyncConnection) -> AsyncIterator[None]:
 
 
 async def _on(target: AsyncEngine | AsyncConnection, revision: str, action: str) -> None:
+    if not isinstance(target, (AsyncEngine, AsyncConnection)):
+        raise InvalidInputError("target", target, "must be an AsyncEngine or an AsyncConnection")
+    if not isinstance(revision, str) or not revision or not revision.isprintable():
+        raise InvalidInputError("revision", revision, "must be a revision id")
     async with _one_in_this_process():
         if not isinstance(target, AsyncEngine):
             async with migration_lock(target):
