@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from alembic.util.exc import CommandError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -51,7 +50,9 @@ async def cmd_migrate(args: argparse.Namespace, engine: AsyncEngine, out: TextIO
         raise InvalidInputError("--revision", revision, "must be a revision id")
     try:
         await migrate.upgrade(engine, revision)
-    except CommandError as exc:
+    except InvalidInputError as exc:
+        if exc.field != "revision":
+            raise
         raise InvalidInputError("--revision", revision, "is not a known revision") from exc
     print(f"database migrated to {args.revision}", file=out)
     return 0

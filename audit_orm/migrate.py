@@ -25,6 +25,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -263,22 +264,28 @@ async def _on(target: AsyncEngine | AsyncConnection, revision: str, action: str)
         raise InvalidInputError("target", target, "must be an AsyncEngine or an AsyncConnection")
     if not isinstance(revision, str) or not revision or not revision.isprintable():
         raise InvalidInputError("revision", revision, "must be a revision id")
-    async with _one_in_this_process():
-        if not isinstance(target, AsyncEngine):
-            async with migration_lock(target):
-                await target.run_sync(_run, revision, action)
-            return
-        # A bare connection: Alembic's environment owns the transaction.
-        try:
-            conn = await target.connect()
-        except DB_ERRORS as exc:
-            raise translate_db_error(exc, f"connecting to {action}") from exc
-        try:
-            async with migration_lock(conn):
-                await conn.run_sync(_run, revision, action)
-                await conn.commit()
-        finally:
-            await conn.close()
+    try:
+        async with _one_in_this_process():
+            if not isinstance(target, AsyncEngine):
+                async with migration_lock(target):
+                    await target.run_sync(_run, revision, action)
+                return
+            # A bare connection: Alembic's environment owns the transaction.
+            try:
+                conn = await target.connect()
+            except DB_ERRORS as exc:
+                raise translate_db_error(exc, f"connecting to {action}") from exc
+            try:
+                async with migration_lock(conn):
+                    await conn.run_sync(_run, revision, action)
+                    await conn.commit()
+            finally:
+                await conn.close()
+    except CommandError as exc:
+        # Alembic's word for a revision it cannot find or reach from here.
+        lines = str(exc).strip().splitlines()
+        reason = f"cannot be applied: {lines[0]}" if lines else "is not a known revision"
+        raise InvalidInputError("revision", revision, reason) from exc
 
 
 def current_heads(connection: Connection, version_table: str = VERSION_TABLE) -> tuple[str, ...]:
