@@ -21,14 +21,20 @@ transaction can still add to. Two facts make that provable:
 
 The sealer reads the sequence's last value ``S``, then takes a transaction id
 ``X`` of its own. Any row with ``seq <= S`` drew its number before that read, so
-its transaction id is older than ``X``. Once ``pg_snapshot_xmin`` of a fresh
-snapshot reaches ``X`` every such transaction has ended, and the next statement
-sees every row with ``seq <= S`` that will ever exist: the range is closed. The
-numbers in it without a row belong to rolled-back or refused inserts; the seal
-records them as gaps, so a row appearing there later is detected as inserted.
+its transaction id is older than ``X``; and it was drawn inside an INSERT (or
+COPY) into ``audit_events``, whose ``ROW EXCLUSIVE`` lock the transaction holds
+from before the draw until it ends. So one read of the lock table, after ``X``
+was taken, finds every transaction that may still hold such a row uncommitted:
+a transaction older than ``X`` (in the snapshot's running list) holding that
+lock. Once each of them has ended, the next statement (a fresh READ COMMITTED
+snapshot) sees every row with ``seq <= S`` that will ever exist: the range is
+closed. The numbers in it without a row belong to rolled-back or refused
+inserts; the seal records them as gaps, so a row appearing there later is
+detected as inserted.
 
-Sealing waits only for transactions that were already running (normally
-milliseconds). A transaction left open holds sealing back, never writing;
+Sealing waits only for writers that were already running (normally
+milliseconds); an open transaction of a role that cannot insert events (a
+reader's, say) does not hold it back. A writer's transaction left open does;
 :func:`seal` then returns :attr:`SealStatus.WAITING` naming it.
 
 Concurrent sealers serialize on ``LOCK TABLE audit_seals IN SHARE ROW
@@ -435,6 +441,28 @@ async def _sequence_name(conn: Any) -> str:
     return str(name)
 
 
+#: The transactions older than the sealer's own (``$1``, which ``age`` counts
+#: from) that hold the lock an INSERT or COPY into audit_events takes, as of one
+#: read of the lock table; as full (64-bit) transaction ids. Every transaction
+#: holds a lock on its own id until it ends (a prepared one, until it is
+#: committed or rolled back), which links the two.
+_WRITERS_RUNNING = (
+    "SELECT ARRAY(SELECT DISTINCT $1::pg_catalog.int8 - pg_catalog.age(t.transactionid) "
+    "FROM pg_catalog.pg_locks t JOIN pg_catalog.pg_locks r "
+    "ON r.virtualtransaction = t.virtualtransaction "
+    "WHERE t.locktype = 'transactionid' AND pg_catalog.age(t.transactionid) > 0 "
+    "AND r.locktype = 'relation' AND r.relation = 'audit_events'::pg_catalog.regclass "
+    "AND r.mode = 'RowExclusiveLock' AND r.granted)"
+)
+#: The oldest of ``$1`` still running, and its backend (``$2``: the sealer's id).
+_OLDEST_STILL_RUNNING = (
+    "SELECT $2::pg_catalog.int8 - pg_catalog.age(t.transactionid) AS x, t.pid "
+    "FROM pg_catalog.pg_locks t WHERE t.locktype = 'transactionid' "
+    "AND $2::pg_catalog.int8 - pg_catalog.age(t.transactionid) "
+    "= ANY ($1::pg_catalog.int8[]) ORDER BY x LIMIT 1"
+)
+
+
 async def _seal_locked(
     conn: Any,
     block_size: int,
@@ -454,25 +482,23 @@ async def _seal_locked(
         return SealResult(SealStatus.UP_TO_DATE, (), 0, head, time.monotonic() - started)
     horizon = int(await conn.fetchval("SELECT pg_current_xact_id()"))
 
+    # Only writers can hold a row numbered up to S uncommitted: wait for them,
+    # not for every transaction of any role (see the module notes).
+    writers = [int(x) for x in await conn.fetchval(_WRITERS_RUNNING, horizon)]
     delay = 0.001
-    while True:
-        # Our own id counts in xmin, so xmin == horizon once every older one ended.
-        xmin = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())"))
-        if xmin >= horizon:
+    while writers:
+        oldest = await conn.fetchrow(_OLDEST_STILL_RUNNING, writers, horizon)
+        if oldest is None:
             break
         if time.monotonic() >= deadline:
-            pid = await conn.fetchval(
-                "SELECT pid FROM pg_stat_activity WHERE backend_xid = xid($1::xid8) LIMIT 1",
-                xmin,
-            )
             return SealResult(
                 SealStatus.WAITING,
                 (),
                 0,
                 head,
                 time.monotonic() - started,
-                blocking_txid=xmin,
-                blocking_pid=pid,
+                blocking_txid=int(oldest[0]),
+                blocking_pid=oldest[1],
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)

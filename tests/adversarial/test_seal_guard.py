@@ -70,7 +70,9 @@ async def roles(fresh_db: tuple[str, AsyncEngine]) -> AsyncIterator[dict[str, As
 
 
 async def _hold_what_it_can(conn: AsyncConnection) -> None:
-    """Inside ``conn``'s transaction, take every lock on the seal path the role may take."""
+    """Inside ``conn``'s transaction, take every lock on the seal path the role may take,
+    and a transaction id older than any the sealer will take."""
+    await conn.execute(text("SELECT pg_current_xact_id()"))
     await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": OLD_SEAL_LOCK_KEY})
     for mode in ("SHARE ROW EXCLUSIVE", "ROW EXCLUSIVE", "ACCESS SHARE"):
         try:
@@ -88,8 +90,10 @@ async def test_a_role_that_may_not_seal_cannot_hold_sealing_up(
     """Attack: a role that can only connect (or write, or read) holds the seal lock.
 
     Before, any role could take the advisory lock and every ``seal`` returned
-    ``busy`` (exit 0) while nothing was sealed. Now the holder's locks do not
-    stand in the sealer's way: the rows get sealed.
+    ``busy`` (exit 0) while nothing was sealed; and any open transaction with an
+    id, of any role, kept it ``waiting``. Now neither stands in the sealer's
+    way: only a transaction that may hold uncommitted rows (a writer's, inside
+    an INSERT's lock) is waited for, and the rows get sealed.
     """
     _, owner = fresh_db
     await _write(owner, 3)
