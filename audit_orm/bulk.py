@@ -81,8 +81,8 @@ INSERT_ONE_SQL = (
     "RETURNING seq, occurred_at, recorded_at"
 )
 
-# ORDER BY ord makes the identity values follow the batch order: the insert
-# draws seq for each row as the sorted rows reach it.
+# ORDER BY ord makes seq follow the batch order: the insert trigger draws seq
+# for each row as the sorted rows reach it.
 INSERT_ARRAYS_SQL = (
     f"INSERT INTO audit_events ({_COLUMN_LIST}) "
     "SELECT b.id, b.event_type, b.entity_type, b.entity_id, b.actor, b.data::jsonb, "

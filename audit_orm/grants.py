@@ -6,13 +6,13 @@ SELECT on the events and nothing else, a reader SELECT only, and only the
 sealer may add seals. Run :func:`grant` (or ``audit-orm grant``) as the tables'
 owner; :func:`grant_statements` gives the same SQL to review or apply by hand.
 
-Writers need no privilege on the ``seq`` sequence: an identity column draws its
-number under the table's INSERT privilege. The sealer reads the sequence's last
-value, so it gets SELECT on it, and UPDATE on ``audit_seals`` only because
-PostgreSQL requires it for the lock sealers take turns on (``LOCK TABLE ... IN
-SHARE ROW EXCLUSIVE MODE``): the append-only trigger refuses every UPDATE, and
-roles without it cannot hold sealing up. Roles also need USAGE on the tables'
-schema when that is not ``public``.
+Writers need no privilege on the ``seq`` sequence: the insert trigger draws the
+number with the rights of the table's owner, whatever the INSERT says. The
+sealer reads the sequence's last value, so it gets SELECT on it, and UPDATE on
+``audit_seals`` only because PostgreSQL requires it for the lock sealers take
+turns on (``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE``): the append-only
+trigger refuses every UPDATE, and roles without it cannot hold sealing up. Roles
+also need USAGE on the tables' schema when that is not ``public``.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 The tables are append-only, enforced by the database: UPDATE, DELETE and
 TRUNCATE fail for every role (migration ``0003_append_only_sealing``). Order is
-given by ``seq``, a database identity that no client can set, never by a client
-clock; ``recorded_at`` is the database clock at insert (set by a trigger, so no
-client can forge it), and ``occurred_at`` is the business time the caller
-reports. The same trigger stamps ``txid`` and ``row_hash``; the seals chain
-blocks of rows together (see :mod:`audit_orm.sealing`).
+given by ``seq``, drawn from a sequence by the insert trigger whatever the INSERT
+says (no client can choose it), never by a client clock; ``recorded_at`` is the
+database clock at insert (set by a trigger, so no client can forge it), and
+``occurred_at`` is the business time the caller reports. The same trigger stamps
+``txid`` and ``row_hash``; the seals chain blocks of rows together (see
+:mod:`audit_orm.sealing`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    FetchedValue,
     ForeignKey,
-    Identity,
     Index,
     LargeBinary,
     MetaData,
@@ -59,6 +60,16 @@ def _in_list(column: str, values: list[str]) -> str:
     return f"{column} IN ({quoted})"
 
 
+#: The range of timestamps the table accepts: years 1 to 9999 in UTC.
+_YEARS = "BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'"
+
+#: Numbers in ``data``, at any depth: below 10^1000 in magnitude, and no non-zero
+#: digit past the 1000th decimal place (the payload models refuse more digits).
+DATA_NUMBERS_CHECK = (
+    'NOT jsonb_path_exists(data, \'strict $.** ? (@.type() == "number" && '
+    "(@ >= 1e1000 || @ <= -1e1000 || @ * 1e1000 % 1 != 0))')"
+)
+
 #: The CHECK constraint bodies; a new event type is a constraint swap (see README).
 EVENT_TYPE_CHECK = _in_list("event_type", [t.value for t in AuditEventType])
 ENTITY_TYPE_CHECK = _in_list("entity_type", [t.value for t in EntityType])
@@ -76,7 +87,11 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), nullable=False, unique=True)
+    #: Drawn from ``audit_events_seq_seq`` by the insert trigger, which ignores any
+    #: value an INSERT supplies (migration ``0005``).
+    seq: Mapped[int] = mapped_column(
+        BigInteger, server_default=FetchedValue(), nullable=False, unique=True
+    )
     event_type: Mapped[str] = mapped_column(String(64), nullable=False)
     entity_type: Mapped[str] = mapped_column(String(32), nullable=False)
     entity_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
@@ -110,6 +125,13 @@ class AuditEvent(Base):
         # keep the actor they were written with; every new row is checked.
         CheckConstraint(f"length(actor) BETWEEN 1 AND {ACTOR_MAX_LENGTH}", name="actor_length"),
         CheckConstraint("octet_length(row_hash) = 33", name="row_hash_length"),
+        # What a reader can hold, whoever inserts (migration 0005): a JSON object,
+        # bounded numbers at any depth, times a Python datetime can represent.
+        CheckConstraint("jsonb_typeof(data) = 'object'", name="data_object"),
+        CheckConstraint(DATA_NUMBERS_CHECK, name="data_numbers"),
+        CheckConstraint(f"occurred_at {_YEARS}", name="occurred_at_range"),
+        CheckConstraint(f"recorded_at {_YEARS}", name="recorded_at_range"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
         # The indexes, each for a query that needs it; every one is paid for on
         # every insert, so the set is kept small (see alembic 0004).
         #

@@ -13,9 +13,10 @@ Why a range can be sealed without a global write lock
 Writers commit out of ``seq`` order, so the sealer must only take a range no
 transaction can still add to. Two facts make that provable:
 
-1. a statement trigger takes the writer's transaction id before the identity
-   default draws a row's ``seq``, so every row's ``txid`` was assigned before its
-   ``seq`` was drawn (rows record it in ``txid``);
+1. the insert trigger takes the writer's transaction id before it draws the
+   row's ``seq`` from the sequence (ignoring any value the INSERT gives), so
+   every row's ``txid`` was assigned before its ``seq`` was drawn (rows record
+   it in ``txid``);
 2. the sequence hands out numbers in increasing order (the sealer refuses to
    run if the sequence caches values per session).
 
@@ -526,7 +527,7 @@ async def _seal_locked(
                 raise SealingError(
                     f"row seq={row[0]} was written by transaction {row[2]}, which began "
                     f"after this range was cut: its number was not drawn from the "
-                    f"sequence (INSERT ... OVERRIDING SYSTEM VALUE?); sealing stops here"
+                    f"sequence (inserted with the insert trigger disabled?); sealing stops here"
                 )
         seqs = [row[0] for row in block]
         info = _make_seal(

@@ -17,6 +17,18 @@ from audit_orm.database import asyncpg_url, start_embedded
 
 TEST_URL_ENV = "AUDIT_ORM_TEST_DATABASE_URL"
 
+#: What a superuser runs before tampering: audit_orm's event triggers refuse
+#: disabling the tables' triggers and rewriting the tables, so they go first.
+GUARDS_OFF = (
+    "ALTER EVENT TRIGGER audit_orm_check_ddl DISABLE",
+    "ALTER EVENT TRIGGER audit_orm_refuse_rewrite DISABLE",
+)
+#: And what puts them back.
+GUARDS_ON = (
+    "ALTER EVENT TRIGGER audit_orm_check_ddl ENABLE ALWAYS",
+    "ALTER EVENT TRIGGER audit_orm_refuse_rewrite ENABLE ALWAYS",
+)
+
 
 def server_url(tmp_root: Path) -> str:
     """The admin URL of the test server: the configured one, or a fresh embedded one."""
@@ -101,9 +113,13 @@ async def triggers_disabled(conn: AsyncConnection) -> AsyncIterator[None]:
             )
         )
     ).all()
+    for statement in GUARDS_OFF:
+        await conn.execute(text(statement))
     await conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
     await conn.execute(text("ALTER TABLE audit_seals DISABLE TRIGGER USER"))
     yield
     modes = {"A": "ENABLE ALWAYS", "O": "ENABLE", "R": "ENABLE REPLICA", "D": "DISABLE"}
     for table, trigger, state in states:
         await conn.execute(text(f'ALTER TABLE {table} {modes[state]} TRIGGER "{trigger}"'))
+    for statement in GUARDS_ON:
+        await conn.execute(text(statement))

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from audit_orm.cli import main
 from audit_orm.database import DATABASE_URL_ENV
+from tests.dbutil import GUARDS_OFF
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -64,6 +65,7 @@ def test_seal_digest_verify(
     asyncio.run(
         _execute(
             url,
+            *GUARDS_OFF,
             "ALTER TABLE audit_events DISABLE TRIGGER USER",
             "UPDATE audit_events SET actor = 'mallory' WHERE seq IN (2, 3)",
             "ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_append_only",

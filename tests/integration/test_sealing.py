@@ -22,6 +22,7 @@ from audit_orm import (
 )
 from audit_orm.hashing import merkle_root
 from audit_orm.sealing import Progress, SealInfo
+from tests.dbutil import GUARDS_OFF
 
 Fresh = tuple[str, AsyncEngine]
 
@@ -200,8 +201,17 @@ async def test_a_number_not_drawn_in_order_stops_sealing(fresh_db: Fresh) -> Non
     _, engine = fresh_db
     burnt = await write(engine, 1, rollback=True)
     await write(engine, 2)
-    async with AsyncSession(engine) as writer, writer.begin():
-        await AuditRepository(writer).order_accepted(uuid.uuid4(), "ACME", "b")
+    # No writer can take a number out of order (the insert trigger draws seq
+    # whatever the INSERT says); a superuser who turns the guards and the
+    # insert trigger off can.
+    async with engine.begin() as conn:
+        for statement in GUARDS_OFF:
+            await conn.execute(text(statement))
+        await conn.execute(
+            text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_before_insert")
+        )
+    async with engine.connect() as writer, writer.begin():
+        await writer.execute(text("SELECT pg_current_xact_id()"))
         sealer = asyncio.create_task(seal(engine, max_wait=30))
         await _sealer_is_waiting(engine)
         # A transaction newer than the sealer's horizon takes a number that
@@ -209,9 +219,10 @@ async def test_a_number_not_drawn_in_order_stops_sealing(fresh_db: Fresh) -> Non
         async with engine.begin() as conn:
             await conn.execute(
                 text(
-                    "INSERT INTO audit_events (id, seq, event_type, entity_type, entity_id) "
-                    "OVERRIDING SYSTEM VALUE "
-                    "VALUES (:id, :seq, 'order.accepted', 'order', :entity)"
+                    "INSERT INTO audit_events "
+                    "(id, seq, event_type, entity_type, entity_id, occurred_at, row_hash) "
+                    "VALUES (:id, :seq, 'order.accepted', 'order', :entity, now(), "
+                    "'\\x01'::bytea || sha256(''))"
                 ),
                 {"id": uuid.uuid4(), "seq": burnt[0], "entity": uuid.uuid4()},
             )
@@ -224,7 +235,7 @@ async def test_a_caching_sequence_is_refused(fresh_db: Fresh) -> None:
     _, engine = fresh_db
     await write(engine, 1)
     async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE audit_events ALTER COLUMN seq SET CACHE 20"))
+        await conn.execute(text("ALTER SEQUENCE audit_events_seq_seq CACHE 20"))
     with pytest.raises(SealingError, match="CACHE 1"):
         await seal(engine)
 
