@@ -34,8 +34,9 @@ No statement rewrites the table. The swap of ``seq`` and the constraint adds
 hold ``ACCESS EXCLUSIVE`` only for catalog changes, give up after
 ``lock_timeout`` (5 s) rather than queue writers behind a long query, and are
 safe to rerun: if the process dies after the first commit, upgrading again
-repeats the steps. The revision commits part of its work itself, so Alembic
-must own the transaction (see the README, "Adding an event type").
+repeats the steps. The revision commits part of its work itself when Alembic
+owns the transaction (see the README, "Adding an event type"); given a
+connection already in a transaction, it does everything in that transaction.
 
 Downgrade restores 0004's schema: the identity (continuing from the sequence),
 the statement trigger and the functions as they were. Taking the schema off the
@@ -371,16 +372,25 @@ def upgrade() -> None:
         )
     )
     # Commit the constraints, then check the existing rows holding only SHARE
-    # UPDATE EXCLUSIVE: inserts and reads go on meanwhile.
-    with op.get_context().autocommit_block():
-        for name in CHECKS:
-            op.execute(
-                "DO $do$ BEGIN "
-                f"ALTER TABLE audit_events VALIDATE CONSTRAINT ck_audit_events_{name}; "
-                "EXCEPTION WHEN check_violation THEN RAISE WARNING "
-                f"'audit_orm: existing rows break ck_audit_events_{name}; it stays NOT VALID, "
-                "enforced for new rows only'; END $do$"
-            )
+    # UPDATE EXCLUSIVE: inserts and reads go on meanwhile. A caller who hands
+    # over a connection in a transaction of its own asked for one transaction:
+    # the rows are checked in it.
+    validate = [
+        "DO $do$ BEGIN "
+        f"ALTER TABLE audit_events VALIDATE CONSTRAINT ck_audit_events_{name}; "
+        "EXCEPTION WHEN check_violation THEN RAISE WARNING "
+        f"'audit_orm: existing rows break ck_audit_events_{name}; it stays NOT VALID, "
+        "enforced for new rows only'; END $do$"
+        for name in CHECKS
+    ]
+    context = op.get_context()
+    if context.as_sql or not getattr(context, "_in_external_transaction", False):
+        with context.autocommit_block():
+            for statement in validate:
+                op.execute(statement)
+    else:
+        for statement in validate:
+            op.execute(statement)
     # The swap of seq, atomic with the version stamp that follows.
     op.execute("SET LOCAL lock_timeout = '5s'")
     op.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
