@@ -111,6 +111,7 @@ async def test_every_trigger_fires_always(conn: AsyncConnection) -> None:
     assert [(table, name) for table, name, _ in rows] == [
         ("audit_events", "audit_events_append_only"),
         ("audit_events", "audit_events_before_insert"),
+        ("audit_events", "audit_events_claim_xid"),
         ("audit_seals", "audit_seals_append_only"),
     ]
     assert {enabled for _, _, enabled in rows} == {"A"}

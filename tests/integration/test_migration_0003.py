@@ -115,8 +115,7 @@ async def test_downgrade_restores_0002_exactly_and_upgrade_again_is_clean(
         assert sorted(row.id for row in hashes) == sorted(ids)
         assert all(len(row.row_hash) == 33 for row in hashes)
         assert after["tables"] == sorted([*before["tables"], "audit_seals"])
-        # 0005 folds the statement trigger's job (txid before seq) into the row trigger.
-        assert {"audit_events_append_only:A", "audit_events_before_insert:A"} <= set(
+        assert {"audit_events_claim_xid:A", "audit_events_before_insert:A"} <= set(
             after["triggers"]
         )
 
