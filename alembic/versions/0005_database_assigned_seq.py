@@ -81,8 +81,11 @@ CHECKS = {
 }
 
 # Every name qualified and search_path pinned: the function runs with its
-# owner's rights. The transaction id is taken before seq is drawn, so every
-# row's txid is older than its number (the sealer's proof rests on it).
+# owner's rights. The order is the sealer's proof (see audit_orm.sealing): the
+# transaction id is taken before seq is drawn, so every row's txid is older
+# than its number; and the clock is read after, so a row numbered after a
+# seal's range was cut is never recorded before the cut (as with the identity,
+# whose default was drawn before row triggers ran).
 BEFORE_INSERT_FUNCTION = r"""
 DO $do$
 BEGIN
@@ -92,12 +95,12 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $body$
 BEGIN
+    NEW.txid := pg_catalog.pg_current_xact_id();
+    NEW.seq := pg_catalog.nextval(%2$L::pg_catalog.regclass);
     NEW.recorded_at := pg_catalog.clock_timestamp();
     IF NEW.occurred_at IS NULL THEN
         NEW.occurred_at := NEW.recorded_at;
     END IF;
-    NEW.txid := pg_catalog.pg_current_xact_id();
-    NEW.seq := pg_catalog.nextval(%2$L::pg_catalog.regclass);
     NEW.row_hash := %1$I.audit_event_row_hash(
         NEW.id, NEW.seq, NEW.event_type, NEW.entity_type, NEW.entity_id, NEW.actor,
         NEW.data, NEW.occurred_at, NEW.recorded_at, NEW.recommendation_id, NEW.order_id,

@@ -27,7 +27,7 @@ from audit_orm import (
 )
 from audit_orm.sealing import _seal_from_record
 from audit_orm.verifying import _check_chain, _Problems
-from tests.dbutil import triggers_disabled
+from tests.dbutil import GUARDS_OFF, triggers_disabled
 
 HASH_ARGS = (
     "id, seq, event_type, entity_type, entity_id, actor, data, occurred_at, recorded_at, "
@@ -242,7 +242,8 @@ async def test_two_schemas_with_audit_tables_must_be_told_apart(
 async def test_a_missing_safeguard_is_reported(
     fresh_db: tuple[str, AsyncEngine], statement: str, words: str
 ) -> None:
-    """Attack: the owner switches a safeguard off and leaves it off (no row touched yet).
+    """Attack: a superuser turns the event triggers off (they refuse this to the owner),
+    switches a safeguard off and leaves it off (no row touched yet).
 
     Before, verify said ok. Now it reports ``missing_safeguard`` naming it.
     """
@@ -250,6 +251,8 @@ async def test_a_missing_safeguard_is_reported(
     await _write(engine, 2)
     await seal(engine)
     async with engine.begin() as conn:
+        for guard in GUARDS_OFF:
+            await conn.execute(text(guard))
         await conn.execute(text(statement))
     report = await verify(engine)
     # One finding per trigger affected (a shared function changed affects two).
