@@ -211,6 +211,9 @@ async def test_a_number_not_drawn_in_order_stops_sealing(fresh_db: Fresh) -> Non
             text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_before_insert")
         )
     async with engine.connect() as writer, writer.begin():
+        # A writer's open transaction, as the sealer sees one: an id and an
+        # INSERT's lock on the table.
+        await writer.execute(text("LOCK TABLE audit_events IN ROW EXCLUSIVE MODE"))
         await writer.execute(text("SELECT pg_current_xact_id()"))
         sealer = asyncio.create_task(seal(engine, max_wait=30))
         await _sealer_is_waiting(engine)
