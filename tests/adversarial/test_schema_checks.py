@@ -17,7 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from audit_orm import AuditRecord, AuditRepository, grant, verify
+from audit_orm import AuditRecord, AuditRepository, grant, migrate, verify
+from tests.dbutil import scratch_database
 
 CHECK_VIOLATION = "23514"
 
@@ -137,3 +138,41 @@ async def test_the_edges_are_accepted_and_read_back(
             record = await repo.get(row)
             assert isinstance(record, AuditRecord)
     assert (await verify(owner)).ok
+
+
+async def test_rows_stored_before_the_checks_leave_them_not_valid(admin_url: str) -> None:
+    """README, Migrations (0005): the upgrade is safe on a populated table.
+
+    A table at 0004 already holding a row whose ``data`` is an array upgrades
+    without error: that one constraint stays NOT VALID (still enforced for new
+    rows), every other is validated, and no row is changed.
+    """
+    async with scratch_database(admin_url) as (_, engine):
+        await migrate.upgrade(engine, "0004_trail_indexes")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO audit_events (id, event_type, entity_type, entity_id, data, "
+                    "occurred_at) VALUES (gen_random_uuid(), 'order.accepted', 'order', "
+                    "gen_random_uuid(), '[1]', now())"
+                )
+            )
+            before = (await conn.execute(text("SELECT * FROM audit_events"))).all()
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            valid = dict(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT conname, convalidated FROM pg_constraint "
+                            "WHERE conrelid = 'audit_events'::regclass AND contype = 'c' "
+                            "AND conname <> 'ck_audit_events_actor_length'"
+                        )
+                    )
+                ).all()
+            )
+            assert (await conn.execute(text("SELECT * FROM audit_events"))).all() == before
+        assert {name for name, ok in valid.items() if not ok} == {"ck_audit_events_data_object"}
+        with pytest.raises(DBAPIError) as caught:
+            await _insert(engine, "[2]", _NOW)
+        assert getattr(caught.value.orig, "sqlstate", None) == CHECK_VIOLATION

@@ -191,3 +191,33 @@ async def _record_raw(engine: AsyncEngine, *, rollback: bool = False) -> int:
     finally:
         await conn.close()
     return int(seq)
+
+
+async def test_the_insert_trigger_takes_txid_then_seq_then_the_clock(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """README, Sealing: a range is closed once older writers end; a row numbered after a
+    seal's cut is never recorded before it (verify's clock-step rule).
+
+    Both rest on the order inside the insert trigger, which no race in a test
+    reliably shows: the transaction id before ``nextval``, and the clock after.
+    The trigger runs with its owner's rights and a pinned search_path, so a
+    writer needs nothing on the sequence and cannot redirect a name.
+    """
+    _, engine = fresh_db
+    async with engine.connect() as conn:
+        body, definer, config = (
+            await conn.execute(
+                text(
+                    "SELECT prosrc, prosecdef, proconfig FROM pg_proc "
+                    "WHERE oid = 'audit_events_before_insert'::regproc"
+                )
+            )
+        ).one()
+    xid = body.index("NEW.txid := pg_catalog.pg_current_xact_id()")
+    seq = body.index("NEW.seq := pg_catalog.nextval(")
+    clock = body.index("NEW.recorded_at := pg_catalog.clock_timestamp()")
+    hashed = body.index("NEW.row_hash :=")
+    assert xid < seq < clock < hashed
+    assert definer is True
+    assert config == ["search_path=pg_catalog, pg_temp"]
