@@ -97,10 +97,14 @@ async def test_sixteen_writers_and_the_sealer(fresh_db: tuple[str, AsyncEngine])
         for seq in range(first, last + 1):
             covering[seq] = seal_no
         expected_first = last + 1
-    assert expected_first - 1 == next_free
+    # A seal holds at least one row, so numbers drawn after the last row by
+    # transactions that rolled back wait for the next row to be sealed: the
+    # chain reaches the last number drawn, or stops short only at such numbers.
+    trailing = set(range(expected_first, next_free + 1))
+    assert trailing <= set(lost.values())
     assert all(seq in covering for seq in rows.values())
-    # Every rolled-back number is a recorded gap, not a hole.
-    assert all(seq in covering for seq in lost.values())
+    # Every other rolled-back number is a recorded gap, not a hole.
+    assert all(seq in covering for seq in set(lost.values()) - trailing)
 
     report = await verify(engine)
     assert report.ok, report.problems
