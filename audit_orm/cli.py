@@ -140,6 +140,7 @@ async def cmd_seal(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -
             block_size=args.block_size,
             max_wait=args.max_wait,
             progress=None if bar is None else _feed(bar),
+            schema=args.schema,
         )
     finally:
         if bar is not None:
@@ -204,7 +205,7 @@ async def cmd_verify(args: argparse.Namespace, engine: AsyncEngine, out: TextIO)
 
 async def cmd_digest(args: argparse.Namespace, engine: AsyncEngine, out: TextIO) -> int:
     """Print the latest seal's digest, to keep outside the database."""
-    found = await sealing.digest(engine)
+    found = await sealing.digest(engine, schema=args.schema)
     if found is None:
         print("audit-orm: no seals yet: run audit-orm seal first", file=sys.stderr)
         return 1
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=sealing.DEFAULT_MAX_WAIT,
         help="seconds to wait for another sealer and for running writers (default: %(default)s)",
     )
+    _schema_option(p)
     p.set_defaults(handler=cmd_seal)
 
     p = sub.add_parser("verify", help="recompute every hash and check the seal chain")
@@ -456,13 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows dated at most this much before a preceding seal are a clock step, not "
         "back-dated (default: %(default)s)",
     )
-    p.add_argument(
-        "--schema",
-        help="the schema of the audit tables (default: the one schema holding them)",
-    )
+    _schema_option(p)
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("digest", help="print the latest seal's digest")
+    _schema_option(p)
     p.set_defaults(handler=cmd_digest)
 
     p = sub.add_parser("grant", help="give roles writer, reader or sealer privileges")
@@ -474,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_grant)
     return parser
+
+
+def _schema_option(parser: argparse.ArgumentParser) -> None:
+    """``--schema``, as seal, digest and verify take it."""
+    parser.add_argument(
+        "--schema",
+        help="the schema of the audit tables (default: the one schema holding them)",
+    )
 
 
 def _engine(url: str | None) -> AsyncEngine:

@@ -72,6 +72,7 @@ from audit_orm.errors import (
     translate_db_error,
 )
 from audit_orm.hashing import HASH_LENGTH, merkle_root, micros, seal_hash
+from audit_orm.tables import check_schema_name, pin_path, quote_ident, resolve_schema
 
 #: Default number of rows per seal.
 DEFAULT_BLOCK_SIZE = 10_000
@@ -297,9 +298,36 @@ def _seal_from_record(record: Any) -> SealInfo:
     )
 
 
-async def _head(conn: Any) -> SealInfo | None:
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    """The audit tables as found by :func:`~audit_orm.tables.resolve_schema`."""
+
+    schema: str
+    events_oid: int
+    seals_oid: int
+
+    @property
+    def events(self) -> str:
+        return f"{quote_ident(self.schema)}.audit_events"
+
+    @property
+    def seals(self) -> str:
+        return f"{quote_ident(self.schema)}.audit_seals"
+
+
+async def _pinned(conn: Any, schema: str | None, action: str) -> _Tables:
+    """Pin ``search_path`` for the transaction and find the real audit tables.
+
+    From here on every table is named by its schema and every function comes
+    from ``pg_catalog``: nothing the connecting role's path leads to is used.
+    """
+    await pin_path(conn)
+    return _Tables(*await resolve_schema(conn, schema, action))
+
+
+async def _head(conn: Any, tables: _Tables) -> SealInfo | None:
     record = await conn.fetchrow(
-        f"SELECT {_SEAL_COLUMNS} FROM audit_seals ORDER BY seal_no DESC LIMIT 1"
+        f"SELECT {_SEAL_COLUMNS} FROM {tables.seals} ORDER BY seal_no DESC LIMIT 1"
     )
     return None if record is None else _seal_from_record(record)
 
@@ -358,6 +386,7 @@ async def seal(
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_wait: float = DEFAULT_MAX_WAIT,
     progress: ProgressCallback | None = None,
+    schema: str | None = None,
 ) -> SealResult:
     """Seal every row that can no longer change, in blocks of ``block_size`` rows.
 
@@ -366,15 +395,20 @@ async def seal(
     later ones find less (or nothing) left to seal. ``max_wait`` bounds the whole
     wait, for the lock and then for writers that were running when the range
     was cut; if such a writer is still open it returns
-    :attr:`SealStatus.WAITING` and seals nothing.
+    :attr:`SealStatus.WAITING` and seals nothing. Like
+    :func:`~audit_orm.verifying.verify` it pins ``search_path`` and names every
+    table by its schema (``schema``, or the one schema holding the audit
+    tables), so no object on the sealer role's own path is read or written.
 
     :raises SealingError: the seal lock was held by another session for longer
         than ``max_wait`` (the error names it), the role may not take the seal
         lock, the sequence caches values, or a row in the range carries a
         number the sequence did not hand out in order.
-    :raises InvalidInputError: a bad argument.
+    :raises InvalidInputError: a bad argument, or several schemas hold the audit
+        tables and ``schema`` is not given.
     """
     block_size, wait = check_seal_options(block_size, max_wait)
+    check_schema_name(schema)
     if progress is not None and not callable(progress):
         # Found out only after the first block otherwise, as a TypeError.
         raise InvalidInputError("progress", progress, "must be callable")
@@ -382,15 +416,16 @@ async def seal(
     # READ COMMITTED whatever the server default: every statement must see a
     # fresh snapshot, the closure proof depends on it.
     async with _driver(engine, "sealing") as conn, conn.transaction(isolation="read_committed"):
-        await _take_seal_lock(conn, wait)
-        return await _seal_locked(conn, block_size, started + wait, progress, started)
+        tables = await _pinned(conn, schema, "sealing")
+        await _take_seal_lock(conn, tables, wait)
+        return await _seal_locked(conn, tables, block_size, started + wait, progress, started)
 
 
 _LOCK_NOT_AVAILABLE = "55P03"
 _INSUFFICIENT_PRIVILEGE = "42501"
 
 
-async def _take_seal_lock(conn: Any, max_wait: float) -> None:
+async def _take_seal_lock(conn: Any, tables: _Tables, max_wait: float) -> None:
     """Wait up to ``max_wait`` seconds for the lock that serializes sealers."""
     # lock_timeout 0 would mean "wait forever": never ask for less than 1 ms.
     timeout_ms = max(1, math.ceil(max_wait * 1000))
@@ -399,7 +434,7 @@ async def _take_seal_lock(conn: Any, max_wait: float) -> None:
         # A savepoint, so that a refused lock leaves the transaction usable for
         # naming who holds it.
         async with conn.transaction():
-            await conn.execute("LOCK TABLE audit_seals IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(f"LOCK TABLE {tables.seals} IN SHARE ROW EXCLUSIVE MODE")
     except asyncpg.PostgresError as exc:
         state = getattr(exc, "sqlstate", None)
         if state == _INSUFFICIENT_PRIVILEGE:
@@ -414,9 +449,10 @@ async def _take_seal_lock(conn: Any, max_wait: float) -> None:
             "SELECT DISTINCT l.pid, a.usename FROM pg_catalog.pg_locks l "
             "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'relation' AND l.granted "
-            "AND l.relation = 'audit_seals'::regclass AND l.pid <> pg_catalog.pg_backend_pid() "
+            "AND l.relation = $1::pg_catalog.oid AND l.pid <> pg_catalog.pg_backend_pid() "
             "AND l.mode IN ('ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock', "
-            "'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock') ORDER BY l.pid"
+            "'ShareLock', 'ShareUpdateExclusiveLock', 'RowExclusiveLock') ORDER BY l.pid",
+            tables.seals_oid,
         )
         named = ", ".join(f"pid {pid} (role {user})" for pid, user in holders) or "another session"
         raise SealingError(
@@ -426,8 +462,8 @@ async def _take_seal_lock(conn: Any, max_wait: float) -> None:
     await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
-async def _sequence_name(conn: Any) -> str:
-    name = await conn.fetchval("SELECT pg_get_serial_sequence('audit_events', 'seq')")
+async def _sequence_name(conn: Any, tables: _Tables) -> str:
+    name = await conn.fetchval("SELECT pg_get_serial_sequence($1, 'seq')", tables.events)
     if name is None:
         raise SealingError("audit_events.seq has no sequence: is the database migrated?")
     cache = await conn.fetchval(
@@ -443,7 +479,7 @@ async def _sequence_name(conn: Any) -> str:
 
 
 #: The transactions older than the sealer's own (``$1``, which ``age`` counts
-#: from) that hold the lock an INSERT or COPY into audit_events takes, as of one
+#: from) that hold the lock an INSERT or COPY into audit_events (OID ``$2``) takes, as of one
 #: read of the lock table; as full (64-bit) transaction ids. Every transaction
 #: holds a lock on its own id until it ends (a prepared one, until it is
 #: committed or rolled back), which links the two.
@@ -452,7 +488,7 @@ _WRITERS_RUNNING = (
     "FROM pg_catalog.pg_locks t JOIN pg_catalog.pg_locks r "
     "ON r.virtualtransaction = t.virtualtransaction "
     "WHERE t.locktype = 'transactionid' AND pg_catalog.age(t.transactionid) > 0 "
-    "AND r.locktype = 'relation' AND r.relation = 'audit_events'::pg_catalog.regclass "
+    "AND r.locktype = 'relation' AND r.relation = $2::pg_catalog.oid "
     "AND r.mode = 'RowExclusiveLock' AND r.granted)"
 )
 #: The oldest of ``$1`` still running, and its backend (``$2``: the sealer's id).
@@ -466,13 +502,14 @@ _OLDEST_STILL_RUNNING = (
 
 async def _seal_locked(
     conn: Any,
+    tables: _Tables,
     block_size: int,
     deadline: float,
     progress: ProgressCallback | None,
     started: float,
 ) -> SealResult:
-    head = await _head(conn)
-    sequence = await _sequence_name(conn)
+    head = await _head(conn, tables)
+    sequence = await _sequence_name(conn, tables)
     # Order matters: the cut time, then the sequence, then our transaction id,
     # each in its own statement (see the module notes).
     cut_at = await conn.fetchval("SELECT clock_timestamp()")
@@ -485,7 +522,7 @@ async def _seal_locked(
 
     # Only writers can hold a row numbered up to S uncommitted: wait for them,
     # not for every transaction of any role (see the module notes).
-    writers = [int(x) for x in await conn.fetchval(_WRITERS_RUNNING, horizon)]
+    writers = [int(x) for x in await conn.fetchval(_WRITERS_RUNNING, horizon, tables.events_oid)]
     delay = 0.001
     while writers:
         oldest = await conn.fetchrow(_OLDEST_STILL_RUNNING, writers, horizon)
@@ -511,7 +548,7 @@ async def _seal_locked(
     covered = first - 1
     while True:
         rows = await conn.fetch(
-            "SELECT seq, row_hash, txid FROM audit_events "
+            f"SELECT seq, row_hash, txid FROM {tables.events} "
             "WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
             covered,
             upper,
@@ -541,7 +578,7 @@ async def _seal_locked(
             sealed_at=sealed_at,
         )
         await conn.execute(
-            f"INSERT INTO audit_seals ({_SEAL_COLUMNS}) "
+            f"INSERT INTO {tables.seals} ({_SEAL_COLUMNS}) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             info.seal_no,
             info.first_seq,
@@ -612,13 +649,24 @@ def _make_seal(
 # ---------------------------------------------------------------------- digest
 
 
-async def digest(engine: AsyncEngine) -> Digest | None:
+async def digest(engine: AsyncEngine, *, schema: str | None = None) -> Digest | None:
     """The latest seal's :class:`Digest`, or ``None`` before the first seal.
+
+    Read with ``search_path`` pinned from ``schema``'s ``audit_seals`` (by
+    default, the one schema holding the audit tables), as :func:`seal` writes it.
 
     Keep it somewhere the database's administrators cannot write (a ticket, a
     signed e-mail, a WORM bucket); ``verify(digest=...)`` then proves that
     nothing sealed up to that seal has changed since.
+
+    :raises InvalidInputError: a bad ``schema``, or several schemas hold the
+        audit tables and ``schema`` is not given.
     """
-    async with _driver(engine, "reading the digest") as conn:
-        head = await _head(conn)
+    check_schema_name(schema)
+    async with (
+        _driver(engine, "reading the digest") as conn,
+        conn.transaction(readonly=True),
+    ):
+        tables = await _pinned(conn, schema, "reading the digest")
+        head = await _head(conn, tables)
     return None if head is None else head.digest

@@ -63,7 +63,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit_orm.errors import AuditStorageError, InvalidInputError
+from audit_orm.errors import InvalidInputError
 from audit_orm.hashing import encode_row_raw, merkle_root, micros
 from audit_orm.records import unreadable_reason
 from audit_orm.sealing import (
@@ -75,6 +75,7 @@ from audit_orm.sealing import (
     _driver,
     _seal_from_record,
 )
+from audit_orm.tables import check_schema_name, pin_path, quote_ident, resolve_schema
 
 #: Default cap on the problems :func:`verify` keeps (it counts them all).
 DEFAULT_MAX_PROBLEMS = 100
@@ -478,46 +479,6 @@ class _ClockSteps:
 # ------------------------------------------------------------ schema and safeguards
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-async def _resolve_schema(conn: Any, schema: str | None) -> tuple[str, int, int]:
-    """The schema holding the real audit tables, and the tables' OIDs."""
-    records = await conn.fetch(
-        "SELECT n.nspname, c.relname, c.oid FROM pg_catalog.pg_class c "
-        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.name[]) "
-        "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.char[])",
-        ["audit_events", "audit_seals"],
-    )
-    tables: dict[str, dict[str, int]] = {}
-    for nspname, relname, oid in records:
-        tables.setdefault(nspname, {})[relname] = int(oid)
-    complete = sorted(name for name, found in tables.items() if len(found) == 2)
-    if schema is not None:
-        if schema not in complete:
-            raise InvalidInputError(
-                "schema", schema, "holds no audit_events and audit_seals tables"
-            )
-        chosen = schema
-    elif len(complete) == 1:
-        chosen = complete[0]
-    elif not complete:
-        raise AuditStorageError(
-            "verifying failed: no schema holds the audit_events and audit_seals tables "
-            "(is the database migrated?)"
-        )
-    else:
-        raise InvalidInputError(
-            "schema",
-            None,
-            f"the audit tables exist in several schemas ({', '.join(complete)}): name the one "
-            f"to verify",
-        )
-    return chosen, tables[chosen]["audit_events"], tables[chosen]["audit_seals"]
-
-
 async def _check_path(
     conn: Any, resolved: dict[str, int | None], schema: str, oids: dict[str, int], found: _Problems
 ) -> None:
@@ -671,8 +632,7 @@ def _check_verify_options(
     if isinstance(max_problems, bool) or not isinstance(max_problems, int) or max_problems < 1:
         raise InvalidInputError("max_problems", max_problems, "must be a positive integer")
     tolerance = check_clock_tolerance(clock_tolerance)
-    if schema is not None and (not isinstance(schema, str) or not schema or "\x00" in schema):
-        raise InvalidInputError("schema", schema, "must be a schema name")
+    check_schema_name(schema)
     return wanted, max_problems, round(tolerance * 1_000_000)
 
 
@@ -718,8 +678,8 @@ async def verify(
             "SELECT pg_catalog.to_regclass('audit_events'::pg_catalog.text)::pg_catalog.oid, "
             "pg_catalog.to_regclass('audit_seals'::pg_catalog.text)::pg_catalog.oid"
         )
-        await conn.execute("SET LOCAL search_path TO pg_catalog, pg_temp")
-        chosen, events_oid, seals_oid = await _resolve_schema(conn, schema)
+        await pin_path(conn)
+        chosen, events_oid, seals_oid = await resolve_schema(conn, schema, "verifying")
         oids = {"audit_events": events_oid, "audit_seals": seals_oid}
         resolved = {
             "audit_events": None if resolved_row[0] is None else int(resolved_row[0]),
@@ -727,7 +687,7 @@ async def verify(
         }
         await _check_path(conn, resolved, chosen, oids, found)
         await _check_safeguards(conn, chosen, oids, found)
-        qualified = _quote(chosen)
+        qualified = quote_ident(chosen)
         records = await conn.fetch(
             f"SELECT {_SEAL_COLUMNS} FROM {qualified}.audit_seals ORDER BY seal_no"
         )

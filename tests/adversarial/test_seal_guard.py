@@ -23,8 +23,10 @@ from audit_orm import (
     InvalidInputError,
     SealingError,
     SealStatus,
+    digest,
     grant,
     seal,
+    verify,
 )
 from audit_orm.cli import main
 
@@ -172,3 +174,81 @@ def test_seal_command_refuses_bad_options_naming_them(
     url, _ = fresh_db
     assert _run("--database-url", url, "seal", *argv)[0] == 2
     assert f"error: {option}:" in capsys.readouterr().err
+
+
+#: Objects named like an audit table that a hostile role puts first on the sealer's path.
+_SHADOWS = {
+    "a view showing no rows": (
+        "CREATE VIEW evil.audit_events AS SELECT * FROM public.audit_events WHERE false",
+    ),
+    "a table with its own sequence and no rows": (
+        "CREATE TABLE evil.audit_events (seq bigserial, row_hash bytea, txid xid8)",
+        "SELECT setval('evil.audit_events_seq_seq', 3)",
+    ),
+    "a table taking the seals": ("CREATE TABLE evil.audit_seals (LIKE public.audit_seals)",),
+}
+
+
+@pytest.mark.parametrize("shadow", list(_SHADOWS))
+async def test_a_shadow_on_the_sealers_path_is_neither_read_nor_written(
+    fresh_db: tuple[str, AsyncEngine], roles: dict[str, AsyncEngine], shadow: str
+) -> None:
+    """Attack: an object named ``audit_events`` or ``audit_seals`` in a schema put first
+    on the sealer role's ``search_path``.
+
+    Before, seal resolved the names through that path: it refused to seal (a
+    view has no sequence), said "up to date" having sealed nothing (an empty
+    table with a sequence of its own), or wrote the seals into the shadow, and
+    digest read them from there. Now seal and digest pin the path and use the one schema
+    holding the real tables: the three rows are sealed into ``public.audit_seals``,
+    digest names that seal and verify vouches for it.
+    """
+    url, owner = fresh_db
+    await _write(owner, 3)
+    async with roles["sealer"].connect() as conn:
+        sealer_name = await conn.scalar(text("SELECT current_user"))
+    async with owner.begin() as conn:
+        await conn.execute(text("CREATE SCHEMA evil"))
+        for statement in _SHADOWS[shadow]:
+            await conn.execute(text(statement))
+        await conn.execute(text(f'GRANT USAGE ON SCHEMA evil TO "{sealer_name}"'))
+        await conn.execute(text(f'GRANT ALL ON ALL TABLES IN SCHEMA evil TO "{sealer_name}"'))
+        await conn.execute(text(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA evil TO "{sealer_name}"'))
+    misled = create_async_engine(
+        url,
+        connect_args={"server_settings": {"role": sealer_name, "search_path": "evil, public"}},
+    )
+    try:
+        result = await seal(misled)
+        found = await digest(misled)
+    finally:
+        await misled.dispose()
+    assert result.status is SealStatus.SEALED and result.rows_sealed == 3
+    assert result.head is not None and found == result.head.digest
+    report = await verify(owner, digest=found)
+    assert report.ok and report.digest_matched and report.rows_checked == 3
+    async with owner.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM public.audit_seals")) == 1
+
+
+async def test_seal_and_digest_must_be_told_which_of_two_schemas(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """A twin of the audit tables in another schema is never chosen silently: without
+    ``schema=`` (``--schema``) seal and digest refuse naming both schemas, with it they
+    use that one."""
+    url, owner = fresh_db
+    await _write(owner, 2)
+    async with owner.begin() as conn:
+        await conn.execute(text("CREATE SCHEMA twin"))
+        await conn.execute(text("CREATE TABLE twin.audit_events (LIKE public.audit_events)"))
+        await conn.execute(text("CREATE TABLE twin.audit_seals (LIKE public.audit_seals)"))
+    for call in (seal(owner), digest(owner)):
+        with pytest.raises(InvalidInputError, match="public, twin") as caught:
+            await call
+        assert caught.value.field == "schema"
+    assert (await seal(owner, schema="public")).rows_sealed == 2
+    code, out = await asyncio.to_thread(_run, "--database-url", url, "digest", "--schema", "public")
+    assert code == 0 and out.strip() == str(await digest(owner, schema="public"))
+    code, _ = await asyncio.to_thread(_run, "--database-url", url, "seal", "--schema", "nowhere")
+    assert code == 2
