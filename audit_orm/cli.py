@@ -494,8 +494,18 @@ def _engine(url: str | None) -> AsyncEngine:
     try:
         return create_engine(url)
     except (ValueError, ArgumentError) as exc:
-        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url or "")
-        raise InvalidInputError("--database-url", shown, f"is not a usable URL: {exc}") from None
+        given, name = (
+            (url, "--database-url")
+            if url is not None
+            else (
+                os.environ.get(DATABASE_URL_ENV, ""),
+                DATABASE_URL_ENV,
+            )
+        )
+        # Up to the last "@": a password may hold one, and no part of it is shown.
+        shown = re.sub(r"(://[^:/@]*:).*@", r"\1***@", given)
+        shown = re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
+        raise InvalidInputError(name, shown, f"is not a usable URL: {exc}") from None
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:

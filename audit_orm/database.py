@@ -6,11 +6,13 @@ CLI, the demo, the benchmarks and anyone who wants a ready default.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,11 +29,26 @@ DATABASE_URL_ENV = "AUDIT_ORM_DATABASE_URL"
 EMBEDDED_DIR_ENV = "AUDIT_ORM_EMBEDDED_DIR"
 
 
+#: Query parameters a URL may carry: asyncpg's connection arguments and the two
+#: the SQLAlchemy dialect takes for itself (libpq's ``sslmode`` is ``ssl`` here).
+_URL_QUERY_KEYS = frozenset(inspect.signature(asyncpg.connect).parameters) | {
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+}
+
+
 def asyncpg_url(url: str) -> str:
     """Normalize a PostgreSQL URL to the ``postgresql+asyncpg`` driver."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql":
         raise ValueError(f"audit_orm needs PostgreSQL, not {parsed.get_backend_name()!r}")
+    # Checked here because the driver would fail only at the first connection,
+    # with a raw TypeError or OverflowError that says nothing about the URL.
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"port {parsed.port} is not between 1 and 65535")
+    unknown = sorted(set(parsed.query) - _URL_QUERY_KEYS)
+    if unknown:
+        raise ValueError(f"the driver takes no query parameter {', '.join(map(repr, unknown))}")
     return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 

@@ -184,9 +184,15 @@ def check_timestamp(value: Any, field: str) -> datetime:
     try:
         # The driver sends UTC: a time that has none (year 1 at +14:00) would
         # fail there, after other events of a batch or group were sent.
-        value.astimezone(UTC)
+        utc = value.astimezone(UTC).replace(tzinfo=None)
     except OverflowError:
         raise InvalidInputError(field, value, "is out of range once converted to UTC") from None
+    # The driver sends these two instants as -infinity and infinity, which the
+    # table refuses: caught here, they fail their own caller alone.
+    if utc in (datetime.min, datetime.max):
+        raise InvalidInputError(
+            field, value, "is the driver's infinity (the first or last instant)"
+        )
     return value
 
 
