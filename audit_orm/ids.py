@@ -10,6 +10,7 @@ from typing import Any
 
 from audit_orm.errors import InvalidIdError
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
@@ -51,10 +52,15 @@ def coerce_uuid(value: Any, field: str) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
     if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
+        # uuid.UUID() parses the digits with int(): it would take Arabic-Indic
+        # or fullwidth digits, and a sign, a space, a newline or an underscore
+        # in place of a missing digit, silently naming another id.
+        text = value.removeprefix("urn:uuid:")
+        if text[:1] == "{" and text[-1:] == "}":
+            text = text[1:-1]
+        digits = text.replace("-", "")
+        if len(digits) == 32 and all(c in _HEX_DIGITS for c in digits):
+            return uuid.UUID(digits)
     raise InvalidIdError(field, value, "must be a UUID or its string form")
 
 

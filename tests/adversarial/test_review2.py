@@ -18,14 +18,17 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from audit_orm import (
     AuditRepository,
     AuditWriter,
+    InvalidIdError,
     InvalidInputError,
     digest,
     export_events,
+    migrate,
     seal,
     verify,
 )
@@ -349,3 +352,145 @@ async def test_order_trail_with_a_recommendation_shared_by_two_orders(
     assert [r.seq for r in trail_a] == sorted(r.seq for r in trail_a)
     trail_c = await repo.order_trail(c)
     assert {r.entity_id for r in trail_c} == {rec, a, b, c}
+
+
+# --------------------------------------------------- migrations down and up with data
+
+
+async def _chain(engine: AsyncEngine, orders: int) -> list[uuid.UUID]:
+    made = []
+    async with AsyncSession(engine) as session, session.begin():
+        repo = AuditRepository(session)
+        for _ in range(orders):
+            order = uuid.uuid4()
+            await repo.order_submitted(order, "ACME", "buy", 3, "limit", f"k-{order}")
+            await repo.order_filled(order, "ACME", "buy", 3, "101.125", "brk")
+            made.append(order)
+    return made
+
+
+@pytest.mark.parametrize("down_to", ["0004_trail_indexes", "0003_append_only_sealing"])
+async def test_a_downgrade_and_upgrade_with_sealed_data_keeps_every_seal(
+    fresh_db: tuple[str, AsyncEngine], down_to: str
+) -> None:
+    """Migrations and Sealing: a round trip through an older revision changes no sealed row.
+
+    Rows are written and sealed and the digest kept; the schema goes down to
+    ``down_to`` and up to head again (as the README tells a superuser to do
+    to add the guard later). The kept digest still matches, every hash
+    holds, numbering goes on after the old rows, and new rows seal onto the
+    same chain.
+    """
+    _, engine = fresh_db
+    await _chain(engine, 5)
+    await seal(engine)
+    kept = str(await digest(engine))
+    async with engine.connect() as conn:
+        last = await conn.scalar(text("SELECT max(seq) FROM audit_events"))
+    await migrate.downgrade(engine, down_to)
+    await migrate.upgrade(engine)
+    report = await verify(engine, digest=kept)
+    assert report.ok, report.problems
+    assert report.digest_matched
+    await _chain(engine, 2)
+    async with engine.connect() as conn:
+        assert (
+            await conn.scalar(text("SELECT min(seq) FROM audit_events WHERE seq > :s"), {"s": last})
+            == last + 1
+        )
+    await seal(engine)
+    report = await verify(engine, digest=kept)
+    assert report.ok, report.problems
+    assert report.digest_matched
+
+
+# --------------------------------------------- seal and verify without the privileges
+
+
+@pytest.mark.parametrize("command", [["verify"], ["seal"], ["digest"], ["export"], ["migrate"]])
+def test_a_role_without_privileges_gets_a_clear_refusal(
+    fresh_db: tuple[str, AsyncEngine], command: list[str]
+) -> None:
+    """Command line: a refusal by the database exits 2 with one line, never 0 or a traceback.
+
+    A role that may log in but was granted nothing runs each command: each
+    exits 2 with a one-line message saying permission was denied, and
+    ``verify`` never reports the trail as holding.
+    """
+    url, _ = fresh_db
+    name = f"review2_nobody_{uuid.uuid4().hex[:8]}"
+
+    async def roles(create: bool) -> None:
+        eng = create_async_engine(url)
+        try:
+            async with eng.begin() as conn:
+                if create:
+                    await conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
+                else:
+                    await conn.execute(text(f'DROP OWNED BY "{name}"'))
+                    await conn.execute(text(f'DROP ROLE "{name}"'))
+        finally:
+            await eng.dispose()
+
+    import asyncio
+
+    assert _cli("demo", url=url).returncode == 0
+    asyncio.run(roles(create=True))
+    try:
+        as_nobody = str(make_url(url).set(username=name, password=None))
+        result = _cli(*command, url=as_nobody)
+    finally:
+        asyncio.run(roles(create=False))
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "permission denied" in result.stderr
+
+
+# ------------------------------------------------------ ids that are not quite ids
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "1_" + "0" * 30,  # an underscore in place of a digit
+        " " + "a" * 31,  # a space in place of a digit
+        "+" + "a" * 31,  # a sign
+        "a" * 31 + "\n",  # a digit lost, a newline kept
+        "\uff10" * 32,  # fullwidth zeros
+        "\u0663" * 32,  # Arabic-Indic threes
+        "{" + "a" * 32,  # an unbalanced brace
+    ],
+    ids=["underscore", "space", "sign", "newline", "fullwidth", "arabic-indic", "brace"],
+)
+async def test_an_id_that_only_int_would_read_is_refused(repo: AuditRepository, given: str) -> None:
+    """Bad input: an id is a UUID or its string form; anything else is ``InvalidIdError``.
+
+    Python's ``uuid.UUID`` reads the digits with ``int()``, so before the fix
+    these strings were taken as *other* ids (``"1_000..."`` as
+    ``01000000-...``, fullwidth digits as the ASCII id): an event recorded
+    under an id the caller never wrote, a trail read for another order. They
+    are refused at every entry point, and nothing is written.
+    """
+    with pytest.raises(InvalidIdError):
+        await repo.order_rejected(given, "ACME", "no")
+    with pytest.raises(InvalidIdError):
+        await repo.order_trail(given)
+    with pytest.raises(InvalidIdError):
+        await repo.get(given)
+    assert (await repo.search()).records == []
+
+
+def test_the_usual_id_forms_still_read() -> None:
+    """Bad input: the string forms of a UUID stay accepted (dashes or not, braces, urn, case)."""
+    from audit_orm.ids import coerce_uuid
+
+    want = uuid.UUID("0193a4c2-7b1e-7abc-8def-0123456789ab")
+    for form in (
+        str(want),
+        want.hex,
+        str(want).upper(),
+        "{" + str(want) + "}",
+        "urn:uuid:" + str(want),
+    ):
+        assert coerce_uuid(form, "id") == want
