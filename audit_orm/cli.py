@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import stat
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit_orm import grants, migrate, sealing, verifying
-from audit_orm.database import DATABASE_URL_ENV, create_engine, session_factory
+from audit_orm.database import DATABASE_URL_ENV, create_engine, hide_password, session_factory
 from audit_orm.demo import record_demo_chains
 from audit_orm.display import escape_controls, escape_json
 from audit_orm.errors import (
@@ -502,10 +501,7 @@ def _engine(url: str | None) -> AsyncEngine:
                 DATABASE_URL_ENV,
             )
         )
-        # Up to the last "@": a password may hold one, and no part of it is shown.
-        shown = re.sub(r"(://[^:/@]*:).*@", r"\1***@", given)
-        shown = re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
-        raise InvalidInputError(name, shown, f"is not a usable URL: {exc}") from None
+        raise InvalidInputError(name, hide_password(given), f"is not a usable URL: {exc}") from None
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:

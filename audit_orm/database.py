@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,13 @@ def asyncpg_url(url: str) -> str:
     if unknown:
         raise ValueError(f"the driver takes no query parameter {', '.join(map(repr, unknown))}")
     return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def hide_password(url: str) -> str:
+    """``url`` as typed, for a message: its password, even one holding ``@``, as ``***``."""
+    # Up to the last "@" of the text: no part of a password that holds one is shown.
+    shown = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", shown)
 
 
 def default_embedded_dir() -> Path:

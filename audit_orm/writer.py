@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from audit_orm import bulk
-from audit_orm.database import create_engine
+from audit_orm.database import create_engine, hide_password
 from audit_orm.enums import AuditEventType, EntityType
 from audit_orm.errors import (
     DB_ERRORS,
@@ -231,9 +230,7 @@ class AuditWriter:
             base = engine if isinstance(engine, AsyncEngine) else create_engine(engine)
         except (ValueError, ArgumentError) as exc:
             # Not a URL, or not PostgreSQL's; the password is not shown.
-            shown = re.sub(
-                r"(://[^:/@]*:)[^@]*@", r"\1***@", engine if isinstance(engine, str) else ""
-            )
+            shown = hide_password(engine if isinstance(engine, str) else "")
             raise InvalidInputError("engine", shown, f"is not a usable URL: {exc}") from None
         # Each group is one INSERT statement, which in autocommit mode is a
         # transaction of its own: one round trip writes and commits a group.

@@ -7,14 +7,21 @@ their fix.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import unicodedata
 import uuid
+from asyncio.subprocess import PIPE
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -24,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from audit_orm import (
     AuditRepository,
     AuditWriter,
+    EventIdConflictError,
     InvalidIdError,
     InvalidInputError,
     digest,
@@ -32,6 +40,9 @@ from audit_orm import (
     seal,
     verify,
 )
+from audit_orm.repository import PreparedEvent, prepare_event
+from audit_orm.spool import CLAIMED_SUFFIX, REJECTED_SUFFIX, Spool
+from tests.faultutil import audit_table_locked, event_counts, total_events
 
 SECRET = "S3cr3tPassw0rd"
 
@@ -221,8 +232,6 @@ async def test_odd_session_time_zone_and_date_style_change_no_stamp_or_hash(
             assert [r.id for r in page.records] == [r.id for r in trail]
             later = await AuditRepository(session).search(since=since + timedelta(microseconds=1))
             assert trail[0].id not in [r.id for r in later.records]
-        import io
-
         out = io.StringIO()
         assert await export_events(auditor_engine, out, since=since) == 3
         assert "0001-01-01T00:00:00.000001Z" in out.getvalue()
@@ -494,3 +503,228 @@ def test_the_usual_id_forms_still_read() -> None:
         "urn:uuid:" + str(want),
     ):
         assert coerce_uuid(form, "id") == want
+
+
+# ------------------------------------------- a replay stopped by SIGTERM, then rerun
+
+
+async def test_a_replay_killed_by_sigterm_between_chunks_then_rerun(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """What replay does: a crash leaves ``SPOOL.replaying``, and the next run picks it up.
+
+    ``audit-orm replay --chunk-size 25`` over 1,500 spooled events is sent
+    SIGTERM once some chunks have committed; a service appends one more event
+    meanwhile. The rerun exits 0, and every event is present exactly once
+    (the committed chunks counted as already present, none written twice),
+    with no rejected file and no claimed file left.
+    """
+    url, engine = fresh_db
+    spool = Spool(tmp_path / "audit.spool")
+
+    def accepted(broker: str) -> PreparedEvent:
+        data = {"ticker": "X", "broker_order_id": broker}
+        return prepare_event("order.accepted", "order", uuid.uuid4(), data)
+
+    events = [accepted(f"b{i}") for i in range(1500)]
+    spool.append_events(events, "outage")
+    env = {k: v for k, v in os.environ.items() if k != "AUDIT_ORM_DATABASE_URL"}
+    argv = [sys.executable, "-m", "audit_orm", "--database-url", url, "replay", str(spool.path)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "--chunk-size", "25", env=env, stdout=PIPE, stderr=PIPE
+    )
+    try:
+        # Until a chunk has committed (or the run ended): no clock involved.
+        while proc.returncode is None and await total_events(engine) == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    late = accepted("late")
+    spool.append_event(late, "outage")
+    rerun = await asyncio.create_subprocess_exec(*argv, env=env, stdout=PIPE, stderr=PIPE)
+    _, err = await rerun.communicate()
+    assert rerun.returncode == 0, err.decode()
+    counts = await event_counts(engine, [e.id for e in [*events, late]])
+    assert set(counts.values()) == {1}
+    assert len(counts) == len(events) + 1
+    assert await total_events(engine) == len(events) + 1
+    assert not spool.path.with_name(spool.path.name + CLAIMED_SUFFIX).exists()
+    assert not spool.path.with_name(spool.path.name + REJECTED_SUFFIX).exists()
+
+
+# ------------------------------------------------------- Unicode normalisation
+
+
+async def test_actors_in_two_normal_forms_are_two_texts_on_every_path(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """Same event, same verdict; Row hashes: text is stored and hashed as given, never normalised.
+
+    An actor written in NFC (``Zoë``, one code point) and the same name in NFD
+    (``e`` + combining diaeresis) are different texts: each round-trips
+    exactly, seals and verifies; a retry of an event under its id with the
+    other form is a conflict on the repository and on the writer alike (the
+    trail must not say someone else wrote it).
+    """
+    _, engine = fresh_db
+    nfc, nfd = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    assert nfc != nfd
+    order, event_id = uuid.uuid4(), uuid.uuid4()
+    spec = {
+        "event_type": "order.accepted",
+        "entity_type": "order",
+        "entity_id": order,
+        "data": {"ticker": "ACME", "broker_order_id": "brk"},
+        "event_id": event_id,
+    }
+    async with AsyncSession(engine) as session, session.begin():
+        stored = await AuditRepository(session).record(**spec, actor=nfc)  # type: ignore[arg-type]
+    assert stored.actor == nfc
+    async with AsyncSession(engine) as session, session.begin():
+        with pytest.raises(EventIdConflictError):
+            await AuditRepository(session).record(**spec, actor=nfd)  # type: ignore[arg-type]
+    async with AuditWriter(engine) as writer:
+        with pytest.raises(EventIdConflictError):
+            await writer.record(**spec, actor=nfd)  # type: ignore[arg-type]
+        other = await writer.record(**{**spec, "event_id": uuid.uuid4()}, actor=nfd)  # type: ignore[arg-type]
+    async with AsyncSession(engine) as session:
+        back = await AuditRepository(session).order_trail(order)
+    assert [r.actor for r in back] == [nfc, nfd]
+    assert other.actor == nfd
+    await seal(engine)
+    report = await verify(engine)
+    assert report.ok, report.problems
+
+
+# ----------------------------------------- the writer's full queue, and cancellations
+
+
+async def test_callers_cancelled_while_the_writers_queue_is_full(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """Writer: back-pressure at ``max_queue``; Never silently missing.
+
+    The table is locked so no group can commit; 40 callers fill a queue of 3
+    and wait for room; every other one is cancelled, some while queued and
+    some while still waiting for room. Once the lock goes, every caller not
+    cancelled gets its record, present exactly once; a cancelled caller's
+    event is present at most once (it may have been queued); nothing stays
+    queued or blocked, and ``close()`` returns.
+    """
+    _, engine = fresh_db
+    order = uuid.uuid4()
+
+    def spec(i: int) -> dict[str, object]:
+        return {
+            "event_type": "order.accepted",
+            "entity_type": "order",
+            "entity_id": order,
+            "data": {"ticker": "ACME", "broker_order_id": f"b{i}"},
+            "event_id": uuid.uuid4(),
+        }
+
+    specs = [spec(i) for i in range(40)]
+    writer = AuditWriter(engine, max_queue=3, max_batch=2, max_delay=0)
+    try:
+        async with audit_table_locked(engine):
+            tasks = [asyncio.ensure_future(writer.record(**s)) for s in specs]  # type: ignore[arg-type]
+            while writer.blocked < 30:  # noqa: ASYNC110 - the writer offers no event to wait on
+                await asyncio.sleep(0.01)
+            for task in tasks[::2]:
+                task.cancel()
+            await asyncio.sleep(0)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await writer.close()
+    assert (writer.queued, writer.blocked) == (0, 0)
+    counts = await event_counts(engine, [s["event_id"] for s in specs])  # type: ignore[misc]
+    for i, (s, outcome) in enumerate(zip(specs, outcomes, strict=True)):
+        if i % 2:
+            assert not isinstance(outcome, BaseException), outcome
+            assert outcome.id == s["event_id"]
+            assert counts.get(s["event_id"]) == 1  # type: ignore[call-overload]
+        else:
+            assert isinstance(outcome, asyncio.CancelledError)
+            assert counts.get(s["event_id"], 0) <= 1  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://app:{SECRET[:4]}@{SECRET[4:]}@127.0.0.1:1/db",
+        f"mysql://app@127.0.0.1:1/db?password={SECRET}",
+        f"postgresql://app:{SECRET[:4]}@{SECRET[4:]}@127.0.0.1:1/db?sslmode=require",
+    ],
+)
+def test_a_writer_given_an_unusable_url_shows_no_part_of_its_password(url: str) -> None:
+    """Errors: "hostile strings never reach a log raw"; the writer's URL is refused as bad input.
+
+    ``AuditWriter(url)`` refuses a URL it cannot use with ``InvalidInputError``
+    naming ``engine``; before the fix the tail of a password holding ``@``,
+    or one in the query string, was in the message.
+    """
+    with pytest.raises(InvalidInputError) as caught:
+        AuditWriter(url)
+    assert caught.value.field == "engine"
+    for part in (SECRET, SECRET[:4], SECRET[4:]):
+        assert part not in str(caught.value)
+
+
+# ---------------------------------------------------- an export while writers insert
+
+
+async def test_an_export_while_writers_insert_is_one_snapshot(
+    fresh_db: tuple[str, AsyncEngine],
+) -> None:
+    """Exports: "one read-only REPEATABLE READ transaction gives every chunk the same snapshot".
+
+    2,500 rows are exported in chunks of 1,000 while a writer commits pairs of
+    events, starting once the export has counted its total: the export holds
+    exactly the 2,500 rows, each once and in ``seq`` order, and none of the
+    rows committed during it, whichever chunk they would have fallen into.
+    """
+    _, engine = fresh_db
+    order = uuid.uuid4()
+
+    def accepted(i: int) -> dict[str, object]:
+        return {
+            "event_type": "order.accepted",
+            "entity_type": "order",
+            "entity_id": order,
+            "data": {"ticker": "ACME", "broker_order_id": f"b{i}"},
+        }
+
+    async with AsyncSession(engine) as session, session.begin():
+        await AuditRepository(session).record_many([accepted(i) for i in range(2500)])  # type: ignore[misc]
+    counted = asyncio.Event()
+    done = False
+    during: list[uuid.UUID] = []
+
+    def progress(written: int, total: int | None) -> None:
+        counted.set()
+
+    async def insert_pairs() -> None:
+        await counted.wait()
+        while not done:
+            async with AsyncSession(engine) as session, session.begin():
+                repo = AuditRepository(session)
+                for _ in range(2):
+                    during.append((await repo.record(**accepted(-1))).id)  # type: ignore[arg-type]
+
+    inserter = asyncio.ensure_future(insert_pairs())
+    out = io.StringIO()
+    try:
+        exported = await export_events(engine, out, progress=progress)
+    finally:
+        done = True
+        await inserter
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert exported == len(rows) == 2500
+    seqs = [row["seq"] for row in rows]
+    assert seqs == sorted(set(seqs))
+    assert not {str(i) for i in during} & {row["id"] for row in rows}
