@@ -10,7 +10,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+from sqlalchemy import Integer
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from audit_orm import AuditRepository
 from audit_orm.besteffort import BestEffortRepository
@@ -80,3 +84,45 @@ async def test_a_correction_whose_lookup_fails_is_spooled(
     assert set(contents.events) == {record.id}
     assert contents.voids == set()
     assert (await event_counts(engine, [record.id]))[record.id] == 0
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Fill(_Base):
+    """A business row of the caller's, flushed before the audit write."""
+
+    __tablename__ = "branch_fills"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    quantity: Mapped[int | None] = mapped_column(Integer, nullable=False)
+
+
+async def test_the_callers_own_flush_failure_reaches_the_caller_as_it_is(
+    fresh_db: tuple[str, AsyncEngine], tmp_path: Path
+) -> None:
+    """A pending business row breaks its own NOT NULL when the audit write flushes it.
+
+    Promise: a failure of the caller's changes is theirs to see as it is (the
+    driver's IntegrityError), not an audit failure: nothing is spooled and no
+    audit row is written.
+    """
+    _, engine = fresh_db
+    async with engine.begin() as conn:
+        await conn.run_sync(_Base.metadata.create_all)
+    spool = tmp_path / "audit.spool"
+    event_id = uuid.uuid4()
+    async with session_factory(engine)() as session:
+        audit = BestEffortRepository(session, spool)
+        session.add(_Fill(id=1, quantity=None))
+        with pytest.raises(IntegrityError, match="quantity"):
+            await audit.record(
+                "order.accepted",
+                "order",
+                uuid.uuid4(),
+                {"ticker": "X", "broker_order_id": "B"},
+                event_id=event_id,
+            )
+        await session.rollback()
+    assert not spool.exists()
+    assert (await event_counts(engine, [event_id]))[event_id] == 0
