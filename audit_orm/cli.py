@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -508,6 +510,14 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     if getattr(args, "print_sql", False):
         return print_grant_sql(args, out)
     engine = _engine(args.database_url)
+    # SIGTERM (a scheduler stopping the job) unwinds the command as a
+    # cancellation, so that a partial export file beside its target is removed
+    # and open transactions end, instead of the process dying mid-write.
+    # Only the main thread can take signals: main() run from another thread
+    # (an application's worker, a test) keeps the default.
+    main_task = asyncio.current_task()
+    if main_task is not None and threading.current_thread() is threading.main_thread():
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
         handler: Command = args.handler
         return await handler(args, engine, out)
@@ -559,6 +569,8 @@ EXIT_BAD_INPUT = 2
 #: transient failure (timeout, lost connection, serialization failure): run it
 #: again later.
 EXIT_UNAVAILABLE = 3
+#: Exit status: stopped by SIGTERM, as a shell reports a process that signal ended.
+EXIT_STOPPED = 128 + signal.SIGTERM
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -571,6 +583,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args, out or sys.stdout))
+    except asyncio.CancelledError:
+        print("audit-orm: error: stopped by SIGTERM", file=sys.stderr)
+        return EXIT_STOPPED
     except AuditUnavailableError as exc:
         print(error_message(exc), file=sys.stderr)
         return EXIT_UNAVAILABLE
